@@ -1,0 +1,103 @@
+"""Shared pieces of the benchmark scripts: model shapes, results, the docs table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqx_mtp
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "benchmarks.md"
+
+_DOC_HEADER = """# Benchmarks
+
+Scripts in `benchmarks/` (not collected by `pytest`). Each writes
+`benchmarks/results/<name>.json` and rewrites its own section below, between
+`<!-- BEGIN name -->` / `<!-- END name -->` markers. Timings come after a warm-up call,
+so compile time is reported apart, and every timed call ends with
+`block_until_ready()`.
+
+"""
+
+
+def environment() -> dict:
+    """Where the numbers were taken: they are only comparable on the same machine."""
+    try:
+        load = [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        load = None
+    return dict(
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        jax=jax.__version__,
+        equinox=eqx.__version__,
+        backend=jax.default_backend(),
+        device=str(jax.devices()[0].device_kind),
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        load_average=load,
+    )
+
+
+def abstract_model(config: eqx_mtp.ModelConfig):
+    """`(params, static)` of an `MTPModel` as `ShapeDtypeStruct`s: enough to lower and
+    compile, nothing allocated."""
+    shapes = eqx.filter_eval_shape(eqx_mtp.MTPModel, config, key=jax.random.key(0))
+
+    def is_leaf(x):
+        return isinstance(x, jax.ShapeDtypeStruct)
+
+    return eqx.partition(shapes, is_leaf, is_leaf=is_leaf)
+
+
+def array_bytes(tree) -> int:
+    """Total bytes of the arrays (or `ShapeDtypeStruct`s) in `tree`."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    return sum(
+        jnp.dtype(leaf.dtype).itemsize * math.prod(leaf.shape)
+        for leaf in leaves
+        if hasattr(leaf, "shape")
+    )
+
+
+def median(values) -> float:
+    return float(statistics.median(values))
+
+
+def write_results(name: str, payload: dict) -> pathlib.Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_doc_section(name: str, body: str) -> None:
+    """Replace this benchmark's section of `docs/benchmarks.md` (append it if absent),
+    leaving every other section as it is."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    section = f"{begin}\n{body.strip()}\n{end}"
+    text = DOC.read_text() if DOC.exists() else _DOC_HEADER
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)

@@ -1,0 +1,139 @@
+"""Speed of the cross-entropy loss + gradient alone: full logits against chunked.
+
+`python benchmarks/ce_speed.py [--quick]`. `head_loss_sum` and its gradient w.r.t. the
+hidden states and the unembedding, for each `impl`, timed interleaved after a warm-up;
+medians reported. A square float32 matmul is timed alongside as the machine's
+reference rate. Useful FLOPs are `6 · tokens · dim · vocab` (three matmuls) for every
+implementation, so the rates compare directly (`"chunked"` does four matmuls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import _common
+import jax
+import jax.numpy as jnp
+
+from eqx_mtp._cross_entropy import head_loss_sum
+
+IMPLS = ("naive", "fused", "chunked")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--vocabs", default="32768,131072")
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--matmul", type=int, default=2048)
+    args = parser.parse_args()
+    vocabs = [int(v) for v in args.vocabs.split(",")]
+    if args.quick:
+        args.tokens, args.dim, args.repeats, args.matmul = 1024, 64, 2, 512
+        vocabs = [4096]
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (args.tokens, args.dim), jnp.float32)
+    where = jnp.ones((args.tokens,), jnp.bool_)
+    square = jnp.ones((args.matmul, args.matmul), jnp.float32)
+    programs = {"matmul": (jax.jit(lambda a: a @ a), (square,))}
+    for vocab in vocabs:
+        unembed = 0.05 * jax.random.normal(keys[1], (vocab, args.dim), jnp.float32)
+        targets = jax.random.randint(keys[2], (args.tokens,), 0, vocab)
+        for impl in IMPLS:
+
+            def loss(h, w, targets=targets, impl=impl):
+                return head_loss_sum(
+                    h, w, targets, where, chunk_size=args.chunk, impl=impl
+                )[0]
+
+            programs[(vocab, impl)] = (
+                jax.jit(jax.value_and_grad(loss, (0, 1))),
+                (hidden, unembed),
+            )
+
+    first_call = {}
+    for key, (fn, inputs) in programs.items():
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*inputs))
+        first_call[key] = time.perf_counter() - start
+    times = {key: [] for key in programs}
+    for repeat in range(args.repeats):
+        for key, (fn, inputs) in programs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*inputs))
+            times[key].append(time.perf_counter() - start)
+            print(f"repeat {repeat} {key}: {times[key][-1]:.3f}s", flush=True)
+
+    matmul_rate = 2 * args.matmul**3 / _common.median(times["matmul"]) / 1e9
+    results, rows = [], []
+    for vocab in vocabs:
+        naive = _common.median(times[(vocab, "naive")])
+        for impl in IMPLS:
+            seconds = _common.median(times[(vocab, impl)])
+            rate = 6 * args.tokens * args.dim * vocab / seconds / 1e9
+            results.append(
+                dict(
+                    vocab=vocab,
+                    impl=impl,
+                    seconds=times[(vocab, impl)],
+                    median_seconds=seconds,
+                    first_call_seconds=first_call[(vocab, impl)],
+                    useful_gflops=rate,
+                    speedup_over_naive=naive / seconds,
+                )
+            )
+            rows.append(
+                [
+                    vocab,
+                    impl,
+                    f"{seconds:.3f}",
+                    f"{rate:.0f}",
+                    f"{100 * rate / matmul_rate:.0f}%",
+                    f"{naive / seconds:.2f}×",
+                ]
+            )
+    payload = dict(
+        benchmark="ce_speed",
+        quick=args.quick,
+        environment=_common.environment(),
+        settings=dict(
+            tokens=args.tokens,
+            dim=args.dim,
+            loss_chunk_size=args.chunk,
+            repeats=args.repeats,
+            matmul_size=args.matmul,
+        ),
+        matmul_gflops=matmul_rate,
+        results=results,
+    )
+    path = _common.write_results("ce_speed", payload)
+    env = payload["environment"]
+    command = " ".join(["python benchmarks/ce_speed.py"] + sys.argv[1:])
+    lines = [
+        "## Cross-entropy speed",
+        "",
+        f"`{command}` ({env['date']}, {env['device']}, {env['cpu_count']} CPU cores "
+        f"shared with other jobs, load average {env['load_average']}). "
+        f"`head_loss_sum` + gradient w.r.t. hidden and unembedding, {args.tokens} "
+        f"tokens, dim {args.dim}, float32, chunks of {args.chunk} tokens; median of "
+        f"{args.repeats} interleaved repeats. Useful GFLOP/s count "
+        f"`6 · tokens · dim · vocab`; a {args.matmul}³ float32 matmul ran at "
+        f"{matmul_rate:.0f} GFLOP/s in the same run.",
+        "",
+        _common.markdown_table(
+            ["vocab", "impl", "median s", "useful GFLOP/s", "of matmul", "speed-up"],
+            rows,
+        ),
+    ]
+    _common.write_doc_section("ce_speed", "\n".join(lines))
+    print(f"wrote {path} and the ce_speed section of {_common.DOC}")
+
+
+if __name__ == "__main__":
+    main()

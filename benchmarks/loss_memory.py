@@ -1,0 +1,311 @@
+"""Compiled temporary memory of loss + gradient: full logits against the fused loss.
+
+`python benchmarks/loss_memory.py [--quick]`. Nothing runs: XLA's memory analysis of
+the compiled program (`temp_size_in_bytes`) is read for every (vocab, D, variant).
+
+Two programs are measured:
+
+- `model`: `eqx_mtp.mtp_loss` of a whole `MTPModel` (trunk + main head + D depths),
+    gradient w.r.t. every parameter;
+- `heads`: the main head and the D depths on a given trunk output `h⁰`
+    (`eqx_mtp.mtp_depth_losses`), gradient w.r.t. their parameters and `h⁰`: the part
+    of the step the loss implementation changes.
+
+Variants: `loss_impl` `"naive"` (full `[tokens, vocab]` logits) or `"fused"`, with the
+trunk and depth scans un-rematerialised (`remat="none"`) or rematerialised
+(`remat="full"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import _common
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+import eqx_mtp
+from eqx_mtp._cross_entropy import head_loss_sum
+
+MiB = 2**20
+
+
+def _config(args, vocab, num_depths, impl, remat):
+    return eqx_mtp.ModelConfig(
+        vocab_size=vocab,
+        dim=args.dim,
+        num_layers=args.layers,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=args.mlp_dim,
+        max_seq_len=args.seq,
+        num_depths=num_depths,
+        loss_impl=impl,
+        loss_chunk_size=args.chunk,
+        remat=remat,
+    )
+
+
+def _model_program(config, args):
+    params, static = _common.abstract_model(config)
+    tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+
+    def grads(p, t):
+        def loss(p):
+            return eqx_mtp.mtp_loss(eqx.combine(p, static), t)[0]
+
+        return jax.grad(loss)(p)
+
+    return grads, (params, tokens)
+
+
+def _heads_program(config, args):
+    params, static = _common.abstract_model(config)
+    tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
+    hidden = jax.ShapeDtypeStruct((args.batch, args.seq, args.dim), jnp.float32)
+
+    def grads(p, h, t):
+        def loss(p, h):
+            model = eqx.combine(p, static)
+            trunk = model.trunk
+            targets, valid = eqx_mtp.depth_targets(t, 0)
+            main_sum, main_count = head_loss_sum(
+                trunk.final_norm(h).reshape(-1, args.dim),
+                trunk.unembedding_matrix,
+                targets.reshape(-1),
+                valid.reshape(-1),
+                chunk_size=config.loss_chunk_size,
+                impl=config.loss_impl,
+            )
+            total = main_sum / main_count
+            if model.depths is not None:
+                sums, counts = eqx_mtp.mtp_depth_losses(
+                    model.depths,
+                    h,
+                    t,
+                    embedding=trunk.embedding,
+                    unembedding=trunk.unembedding_matrix,
+                    final_norm=trunk.final_norm,
+                    loss_chunk_size=config.loss_chunk_size,
+                    loss_impl=config.loss_impl,
+                )
+                total = total + jnp.mean(sums / counts)
+            return total
+
+        return jax.grad(loss, (0, 1))(p, h)
+
+    return grads, (params, hidden, tokens)
+
+
+def temp_bytes(part, config, args) -> tuple[int, float]:
+    build = _model_program if part == "model" else _heads_program
+    fn, inputs = build(config, args)
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*inputs).compile()
+    seconds = time.perf_counter() - start
+    return compiled.memory_analysis().temp_size_in_bytes, seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--mlp-dim", type=int, default=704)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=256, help="loss_chunk_size")
+    parser.add_argument("--vocabs", default="256,32768,131072")
+    parser.add_argument("--depths", default="0,1,2,4,8")
+    parser.add_argument(
+        "--tag", default="", help="suffix of the results file and docs section name"
+    )
+    args = parser.parse_args()
+    vocabs = [int(v) for v in args.vocabs.split(",")]
+    depths = [int(d) for d in args.depths.split(",")]
+    name = "loss_memory" + (f"_{args.tag}" if args.tag else "")
+    if len(set(depths)) < 2 or max(depths) < 1:
+        parser.error("--depths needs two or more values, one of them positive")
+    if args.quick:
+        args.batch, args.seq, args.dim, args.mlp_dim, args.layers = 2, 128, 64, 128, 1
+        vocabs, depths = [4096], [0, 2]
+    parts = ["model", "heads"]
+    variants = [
+        ("naive", "none"),
+        ("fused", "none"),
+        ("naive", "full"),
+        ("fused", "full"),
+    ]
+
+    records = []
+    for part in parts:
+        for vocab in vocabs:
+            for num_depths in depths:
+                for impl, remat in variants:
+                    config = _config(args, vocab, num_depths, impl, remat)
+                    temp, seconds = temp_bytes(part, config, args)
+                    records.append(
+                        dict(
+                            part=part,
+                            vocab=vocab,
+                            num_depths=num_depths,
+                            impl=impl,
+                            remat=remat,
+                            temp_bytes=temp,
+                        )
+                    )
+                    print(
+                        f"{part:5s} V={vocab:6d} D={num_depths} {impl:5s} "
+                        f"remat={remat:4s} temp={temp / MiB:9.1f} MiB "
+                        f"(compiled in {seconds:.1f}s)",
+                        flush=True,
+                    )
+
+    def temp(part, vocab, num_depths, impl, remat):
+        for r in records:
+            key = (r["part"], r["vocab"], r["num_depths"], r["impl"], r["remat"])
+            if key == (part, vocab, num_depths, impl, remat):
+                return r["temp_bytes"]
+        raise KeyError((part, vocab, num_depths, impl, remat))
+
+    # What one more depth may cost: its parameters and the carried hidden state.
+    largest = max(d for d in depths if d > 0)
+    params, _ = _common.abstract_model(
+        _config(args, vocabs[0], largest, "fused", "none")
+    )
+    depth_param_bytes = _common.array_bytes(params.depths) // largest
+    hidden_bytes = args.batch * args.seq * args.dim * 4
+    allowance = depth_param_bytes + hidden_bytes
+    target_vocab = 32768 if 32768 in vocabs else vocabs[-1]
+    target_depth = 4 if 4 in depths else depths[-1]
+    previous = sorted(d for d in depths if d < largest)[-1]
+
+    summary = []
+    for part in parts:
+        for remat in ("none", "full"):
+            ratio = temp(part, target_vocab, target_depth, "fused", remat) / temp(
+                part, target_vocab, target_depth, "naive", remat
+            )
+            growth = {
+                vocab: (
+                    temp(part, vocab, largest, "fused", remat)
+                    - temp(part, vocab, previous, "fused", remat)
+                )
+                / (largest - previous)
+                for vocab in vocabs
+            }
+            summary.append(
+                dict(
+                    part=part,
+                    remat=remat,
+                    fused_over_naive=ratio,
+                    growth_per_depth_bytes=growth,
+                )
+            )
+
+    payload = dict(
+        benchmark="loss_memory",
+        quick=args.quick,
+        environment=_common.environment(),
+        settings=dict(
+            batch=args.batch,
+            seq=args.seq,
+            tokens=args.batch * args.seq,
+            dim=args.dim,
+            mlp_dim=args.mlp_dim,
+            layers=args.layers,
+            loss_chunk_size=args.chunk,
+            mtp_block="transformer",
+        ),
+        depth_param_bytes=depth_param_bytes,
+        carried_hidden_bytes=hidden_bytes,
+        records=records,
+        summary=summary,
+    )
+    path = _common.write_results(name, payload)
+
+    command = " ".join(["python benchmarks/loss_memory.py"] + sys.argv[1:])
+    lines = [
+        "## Loss memory" + (f" ({args.tag})" if args.tag else ""),
+        "",
+        f"`{command}` "
+        f"({payload['environment']['date']}, {payload['environment']['device']}, "
+        f"jax {jax.__version__}). Compiled `temp_size_in_bytes` of loss + gradient "
+        f"(XLA's memory analysis; nothing runs) at {args.batch} × {args.seq} = "
+        f"{args.batch * args.seq} tokens, dim {args.dim}, {args.layers} trunk layers, "
+        f"mlp {args.mlp_dim}, transformer depth blocks, `loss_chunk_size` "
+        f"{args.chunk}. Each cell is fused / naive MiB (fused as a share of naive).",
+        "",
+        "- `model`: `eqx_mtp.mtp_loss` of the whole model, gradient w.r.t. every "
+        "parameter.",
+        "- `heads`: the main head and the depths on a given trunk output `h⁰` "
+        "(`mtp_depth_losses`), gradient w.r.t. their parameters and `h⁰`.",
+        "- `remat`: the `ModelConfig.remat` of both scans, for both variants.",
+        "",
+        "At D=0 the `heads` program is the cross-entropy alone, so its fused/naive "
+        "share is the loss's own. Every other cell also holds the trunk's and the "
+        "depth blocks' activations, which do not depend on the loss implementation "
+        "(a small vocabulary's row shows their size).",
+        "",
+    ]
+    for part in parts:
+        for remat in ("none", "full"):
+            lines.append(f"**{part}, remat={remat!r}**")
+            lines.append("")
+            rows = []
+            for vocab in vocabs:
+                row = [vocab]
+                for num_depths in depths:
+                    fused = temp(part, vocab, num_depths, "fused", remat)
+                    naive = temp(part, vocab, num_depths, "naive", remat)
+                    row.append(
+                        f"{fused / MiB:.0f} / {naive / MiB:.0f} "
+                        f"({100 * fused / naive:.1f}%)"
+                    )
+                rows.append(row)
+            lines.append(
+                _common.markdown_table(["vocab"] + [f"D={d}" for d in depths], rows)
+            )
+            lines.append("")
+    lines += [
+        f"**Targets.** Fused ≤ 5% of naive at vocab {target_vocab}, D={target_depth}; "
+        f"fused memory grows per depth by no more than one depth's parameters "
+        f"({depth_param_bytes / MiB:.1f} MiB) plus the carried hidden state "
+        f"({hidden_bytes / MiB:.1f} MiB) = {allowance / MiB:.1f} MiB. Growth is "
+        f"measured between D={previous} and D={largest}.",
+        "",
+    ]
+    rows = []
+    for item in summary:
+        growth = ", ".join(
+            f"{vocab}: {value / MiB:.1f}"
+            for vocab, value in item["growth_per_depth_bytes"].items()
+        )
+        rows.append(
+            [
+                item["part"],
+                repr(item["remat"]),
+                f"{100 * item['fused_over_naive']:.1f}%",
+                growth,
+            ]
+        )
+    lines.append(
+        _common.markdown_table(
+            [
+                "part",
+                "remat",
+                f"fused/naive (V={target_vocab}, D={target_depth})",
+                "fused growth per depth, MiB (by vocab)",
+            ],
+            rows,
+        )
+    )
+    _common.write_doc_section(name, "\n".join(lines))
+    print(f"wrote {path} and the {name} section of {_common.DOC}")
+
+
+if __name__ == "__main__":
+    main()

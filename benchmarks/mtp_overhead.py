@@ -1,0 +1,211 @@
+"""Training-step time with D MTP depths against a FLOP model of the step.
+
+`python benchmarks/mtp_overhead.py [--quick]`. One jitted step (loss, gradient and an
+optax AdamW update) per D; after a warm-up call per D, the steps are timed interleaved
+(D=0, 1, 2, 4, then again) and the median of the repeats is reported, since the machine
+is shared.
+
+FLOP model, per token, forward pass (training = 3 × forward: the backward pass does two
+matmuls per forward matmul, and the fused loss does exactly three):
+
+- trunk layer: q, k, v, o projections `2·dim·(2·dim + 2·kv_dim)`, attention scores and
+    weighted values over all `seq` keys as computed `4·seq·dim`, SwiGLU
+    `6·dim·mlp_dim`;
+- main head: `2·dim·vocab`;
+- each depth: `eh_proj` `2·(2·dim)·dim`, its block (a trunk layer) and the head
+    `2·dim·vocab`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common
+import equinox as eqx
+import jax
+import optax
+
+import eqx_mtp
+
+
+def forward_flops_per_token(config: eqx_mtp.ModelConfig, seq: int) -> dict:
+    dim, kv_dim = config.dim, config.num_kv_heads * config.head_dim
+    layer = (
+        2 * dim * (2 * dim + 2 * kv_dim)  # q, k, v, o projections
+        + 4 * seq * dim  # scores and weighted values
+        + 6 * dim * config.mlp_dim  # SwiGLU
+    )
+    head = 2 * dim * config.vocab_size
+    depth = 2 * (2 * dim) * dim + layer + head
+    return dict(
+        trunk=config.num_layers * layer,
+        main_head=head,
+        depths=config.num_depths * depth,
+        total=config.num_layers * layer + head + config.num_depths * depth,
+    )
+
+
+def make_step(config: eqx_mtp.ModelConfig, mtp_weight: float):
+    model = eqx_mtp.MTPModel(config, key=jax.random.key(0))
+    optimizer = optax.adamw(1e-3, weight_decay=0.1)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+
+    @eqx.filter_jit
+    def step(model, opt_state, tokens):
+        def loss_fn(m):
+            return eqx_mtp.mtp_loss(m, tokens, mtp_weight=mtp_weight)[0]
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
+        updates, opt_state = optimizer.update(
+            grads, opt_state, eqx.filter(model, eqx.is_array)
+        )
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    return step, model, opt_state
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--mlp-dim", type=int, default=704)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    args = parser.parse_args()
+    depths = [0, 1, 2, 4]
+    if args.quick:
+        args.batch, args.seq, args.dim, args.mlp_dim = 2, 128, 64, 128
+        args.layers, args.vocab, args.repeats = 2, 1024, 2
+        depths = [0, 1, 2]
+
+    configs = {
+        d: eqx_mtp.ModelConfig(
+            vocab_size=args.vocab,
+            dim=args.dim,
+            num_layers=args.layers,
+            num_heads=4,
+            num_kv_heads=2,
+            mlp_dim=args.mlp_dim,
+            max_seq_len=args.seq,
+            num_depths=d,
+        )
+        for d in depths
+    }
+    tokens = jax.random.randint(
+        jax.random.key(1), (args.batch, args.seq), 0, args.vocab
+    )
+    states, compile_seconds = {}, {}
+    for d in depths:
+        step, model, opt_state = make_step(configs[d], mtp_weight=0.3)
+        start = time.perf_counter()
+        model, opt_state, loss = step(model, opt_state, tokens)
+        jax.block_until_ready(loss)
+        compile_seconds[d] = time.perf_counter() - start
+        states[d] = (step, model, opt_state)
+        print(
+            f"D={d}: first call (compile + run) {compile_seconds[d]:.1f}s", flush=True
+        )
+
+    times = {d: [] for d in depths}
+    for repeat in range(args.repeats):
+        for d in depths:
+            step, model, opt_state = states[d]
+            start = time.perf_counter()
+            model, opt_state, loss = step(model, opt_state, tokens)
+            jax.block_until_ready((model, opt_state, loss))
+            times[d].append(time.perf_counter() - start)
+            states[d] = (step, model, opt_state)
+            print(f"repeat {repeat} D={d}: {times[d][-1]:.3f}s", flush=True)
+
+    tokens_per_step = args.batch * args.seq
+    flops = {d: forward_flops_per_token(configs[d], args.seq) for d in depths}
+    medians = {d: _common.median(times[d]) for d in depths}
+    rows, results = [], []
+    for d in depths:
+        flop_ratio = flops[d]["total"] / flops[0]["total"]
+        time_ratio = medians[d] / medians[0]
+        train_flops = 3 * flops[d]["total"] * tokens_per_step
+        results.append(
+            dict(
+                num_depths=d,
+                step_seconds=times[d],
+                median_seconds=medians[d],
+                first_call_seconds=compile_seconds[d],
+                forward_flops_per_token=flops[d],
+                train_flops_per_step=train_flops,
+                time_ratio=time_ratio,
+                flop_ratio=flop_ratio,
+                relative_gap=time_ratio / flop_ratio - 1,
+            )
+        )
+        rows.append(
+            [
+                d,
+                f"{medians[d]:.3f}",
+                f"{min(times[d]):.3f}–{max(times[d]):.3f}",
+                f"{train_flops / medians[d] / 1e9:.0f}",
+                f"{time_ratio:.2f}",
+                f"{flop_ratio:.2f}",
+                f"{100 * (time_ratio / flop_ratio - 1):+.1f}%",
+            ]
+        )
+    payload = dict(
+        benchmark="mtp_overhead",
+        quick=args.quick,
+        environment=_common.environment(),
+        settings=dict(
+            batch=args.batch,
+            seq=args.seq,
+            dim=args.dim,
+            mlp_dim=args.mlp_dim,
+            layers=args.layers,
+            vocab=args.vocab,
+            repeats=args.repeats,
+            mtp_block="transformer",
+            loss_impl="fused",
+            optimizer="optax.adamw",
+        ),
+        results=results,
+    )
+    path = _common.write_results("mtp_overhead", payload)
+    env = payload["environment"]
+    worst = max(abs(r["relative_gap"]) for r in results)
+    lines = [
+        "## MTP overhead",
+        "",
+        f"`python benchmarks/mtp_overhead.py{' --quick' if args.quick else ''}` "
+        f"({env['date']}, {env['device']}, {env['cpu_count']} CPU cores shared with "
+        f"other jobs, load average {env['load_average']}). One training step (fused "
+        f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
+        f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
+        f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
+        "repeats after a warm-up. FLOP model: trunk projections, attention scores, "
+        "SwiGLU, main head, and per depth `eh_proj`, block and head; training = "
+        "3 × forward.",
+        "",
+        _common.markdown_table(
+            [
+                "D",
+                "median s",
+                "range s",
+                "GFLOP/s (model)",
+                "time(D)/time(0)",
+                "FLOP ratio",
+                "gap",
+            ],
+            rows,
+        ),
+        "",
+        f"**Target** time ratio within 10% of the FLOP ratio: largest gap "
+        f"{100 * worst:.1f}%.",
+    ]
+    _common.write_doc_section("mtp_overhead", "\n".join(lines))
+    print(f"wrote {path} and the mtp_overhead section of {_common.DOC}")
+
+
+if __name__ == "__main__":
+    main()

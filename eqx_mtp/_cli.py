@@ -1,0 +1,81 @@
+"""The `eqx-mtp` command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ._checkpoint import CheckpointError
+from ._data import DataError
+from ._train import TrainConfig, UserError, load_config_file, train
+
+_HELP = {
+    "data": "a directory of text files, a .txt or a .jsonl (field 'text'); "
+    "default: the .py files of this Python's standard library",
+    "run": "run directory (default runs/<timestamp>)",
+    "resume": "continue the run in --run (default: the newest under runs/)",
+    "mtp_weight": "λ: a float, or a schedule '0.3@0,0.1@800'",
+    "micro_batches": "gradient accumulation: split each batch into this many parts",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eqx-mtp", description="Multi-Token Prediction training for JAX."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser(
+        "train",
+        help="train a byte-level MTP model",
+        argument_default=argparse.SUPPRESS,
+    )
+    train_parser.add_argument(
+        "--config", help="a JSON or TOML file of the fields below"
+    )
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default
+        help_text = _HELP.get(field.name, "") + f" (default: {default})"
+        if isinstance(default, bool):
+            train_parser.add_argument(
+                flag, action="store_true", dest=field.name, help=help_text
+            )
+        elif field.name == "max_seq_len":
+            train_parser.add_argument(flag, type=int, dest=field.name, help=help_text)
+        elif default is None or isinstance(default, str):
+            train_parser.add_argument(flag, type=str, dest=field.name, help=help_text)
+        else:
+            train_parser.add_argument(
+                flag, type=type(default), dest=field.name, help=help_text
+            )
+    train_parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bar"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `eqx-mtp`; returns the process exit code."""
+    args = vars(_parser().parse_args(argv))
+    command = args.pop("command")
+    try:
+        if command == "train":
+            progress = not args.pop("no_progress", False)
+            values = {}
+            config_file = args.pop("config", None)
+            if config_file is not None:
+                values.update(load_config_file(config_file))
+            values.update(args)
+            train(TrainConfig(**values), progress=progress)
+    except (UserError, DataError, CheckpointError) as error:
+        print(f"eqx-mtp {command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"eqx-mtp {command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

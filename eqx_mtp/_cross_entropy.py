@@ -1,0 +1,78 @@
+"""Cross-entropy of an output head applied to hidden states."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from ._fused_ce import DEFAULT_CHUNK_SIZE, fused_cross_entropy, fused_loss_sum
+
+LossImpl = Literal["fused", "chunked", "naive"]
+LOSS_IMPLS = ("fused", "chunked", "naive")
+
+
+def naive_loss_sum(
+    hidden: Float[Array, "tokens dim"],
+    unembedding: Float[Array, "vocab dim"],
+    targets: Int[Array, " tokens"],
+    where: Bool[Array, " tokens"],
+) -> Float[Array, ""]:
+    """The masked loss sum from the full `[tokens, vocab]` float32 logits."""
+    logits = jnp.matmul(hidden, unembedding.T, preferred_element_type=jnp.float32)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return jnp.sum(jnp.where(where, log_normalizer - target_logits, 0.0))
+
+
+def head_loss_sum(
+    hidden: Float[Array, "tokens dim"],
+    unembedding: Float[Array, "vocab dim"],
+    targets: Int[Array, " tokens"],
+    where: Bool[Array, " tokens"],
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    # Plain `str` so a wrong choice reaches the check below, which lists the choices.
+    impl: str = "fused",
+) -> tuple[Float[Array, ""], Int[Array, ""]]:
+    """Masked sum of `-log softmax(hidden @ unembedding.T)[target]` and the number of
+    counted tokens. The logits are in float32 and never all alive at once; masked tokens
+    add exactly zero to the sum and to its gradient.
+
+    **Arguments:**
+
+    - `hidden`: `[tokens, dim]` hidden states (after the final norm).
+    - `unembedding`: `[vocab, dim]` output matrix.
+    - `targets`: `[tokens]` target ids in `[0, vocab)`.
+    - `where`: boolean `[tokens]`, which tokens count.
+    - `chunk_size`: tokens per chunk of logits (`None`: one chunk).
+    - `impl`: `"fused"` (the default) accumulates both matmul gradients in the forward
+        pass and scales them by the cotangent in the backward: three matmuls, with
+        gradient-sized residuals (`[tokens, dim]` and `[vocab, dim]`). `"chunked"` sums
+        [`eqx_mtp.fused_cross_entropy`][]: four matmuls (the backward recomputes the
+        logits), one float per token of residuals. `"naive"` materialises the full
+        logits (a reference and a benchmark baseline).
+
+    **Returns:**
+
+    `(loss_sum, token_count)`: a float32 and an int32 scalar.
+    """
+    if impl == "fused":
+        total = fused_loss_sum(
+            hidden, unembedding, targets, where, chunk_size=chunk_size
+        )
+    elif impl == "chunked":
+        total = jnp.sum(
+            fused_cross_entropy(
+                hidden, unembedding, targets, where=where, chunk_size=chunk_size
+            )
+        )
+    elif impl == "naive":
+        total = naive_loss_sum(hidden, unembedding, targets, where)
+    else:
+        raise ValueError(
+            f"impl must be one of {', '.join(map(repr, LOSS_IMPLS))}, got {impl!r}"
+        )
+    return total, jnp.sum(where, dtype=jnp.int32)

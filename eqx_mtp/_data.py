@@ -1,0 +1,472 @@
+"""Byte-level data: corpus loading, held-out split, packing and grain batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from jaxtyping import Int
+from numpy.typing import ArrayLike
+
+PAD_ID = 256
+BOS_ID = 257
+EOS_ID = 258
+BYTE_VOCAB_SIZE = 259
+
+_PACKED_KEYS = ("tokens", "segment_ids", "positions")
+# Directories of the default corpus that hold installed packages, not the stdlib.
+_NOT_STDLIB = frozenset({"site-packages", "dist-packages"})
+
+
+class DataError(ValueError):
+    """A corpus, split or batching request that cannot be served."""
+
+
+def encode_document(text: bytes | str) -> Int[np.ndarray, " length"]:
+    """Byte-level token ids of one document, framed by `BOS_ID` and `EOS_ID`.
+
+    **Arguments:**
+
+    - `text`: the document; a `str` is encoded as UTF-8 first.
+
+    **Returns:**
+
+    An int32 array `[BOS_ID, byte_0, ..., byte_{n-1}, EOS_ID]` of length `n + 2`.
+    """
+    if isinstance(text, str):
+        text = text.encode("utf-8")
+    body = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
+    return np.concatenate(
+        [np.array([BOS_ID], np.int32), body, np.array([EOS_ID], np.int32)]
+    )
+
+
+def decode(ids: ArrayLike) -> str:
+    """Text of a sequence of byte-level token ids.
+
+    **Arguments:**
+
+    - `ids`: a one-dimensional sequence of token ids. Ids outside `[0, 256)` (the
+        special tokens, or ids of a vocabulary padded beyond `BYTE_VOCAB_SIZE`) are
+        dropped.
+
+    **Returns:**
+
+    The remaining bytes decoded as UTF-8, invalid sequences replaced by U+FFFD.
+    """
+    array = np.asarray(ids)
+    if array.ndim != 1:
+        raise DataError(
+            f"decode expects a 1-D sequence of ids, got shape {array.shape}"
+        )
+    array = array.astype(np.int64)
+    byte_ids = array[(array >= 0) & (array < 256)].astype(np.uint8)
+    return byte_ids.tobytes().decode("utf-8", errors="replace")
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _walk_files(root: str, *, skip_dirs: frozenset[str], skip_hidden: bool):
+    """Sorted paths of the regular files below `root`, symlinked dirs not followed."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d not in skip_dirs and not (skip_hidden and d.startswith("."))
+        ]
+        for name in filenames:
+            if skip_hidden and name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path):
+                paths.append(path)
+    return sorted(paths)
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _default_documents() -> list[bytes]:
+    root = sysconfig.get_paths()["stdlib"]
+    paths = _walk_files(root, skip_dirs=_NOT_STDLIB, skip_hidden=False)
+    documents = [_read_bytes(p) for p in paths if p.endswith(".py")]
+    return [d for d in documents if d]
+
+
+def _directory_documents(root: str) -> list[bytes]:
+    paths = _walk_files(root, skip_dirs=frozenset(), skip_hidden=True)
+    documents = (_read_bytes(p) for p in paths)
+    return [d for d in documents if d and _is_utf8(d)]
+
+
+def _txt_documents(path: str) -> list[bytes]:
+    documents = []
+    lines: list[bytes] = []
+    for line in _read_bytes(path).split(b"\n"):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            documents.append(b"\n".join(lines))
+            lines = []
+    if lines:
+        documents.append(b"\n".join(lines))
+    return documents
+
+
+def _jsonl_documents(path: str) -> list[bytes]:
+    documents = []
+    with open(path, "rb") as file:
+        for line_number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: expected a JSON object ({e})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{where}: expected a JSON object with a string 'text' field"
+                )
+            if text:
+                documents.append(text.encode("utf-8", errors="replace"))
+    return documents
+
+
+def load_documents(path: str | os.PathLike | None = None) -> list[bytes]:
+    """Raw documents of a corpus, in a deterministic order.
+
+    **Arguments:**
+
+    - `path`: where the corpus lives.
+        - `None`: the default corpus, every `.py` file of the running Python's
+            standard library (`sysconfig.get_paths()["stdlib"]`, recursively, without
+            `site-packages`/`dist-packages`), one document per file.
+        - a directory: one document per regular file below it, recursively. Hidden
+            files and directories (names starting with `.`) are skipped, and so are
+            files that are not valid UTF-8: they are binaries, not text, whatever
+            their name says.
+        - a `.txt` file: documents separated by blank lines (lines holding only
+            whitespace). Each document is its run of non-blank lines joined by `\\n`,
+            without the final newline.
+        - a `.jsonl` file: one document per line, the line's string `text` field
+            encoded as UTF-8. Blank lines are skipped.
+
+    Files are read as bytes and kept byte for byte (apart from the `.txt` separators);
+    empty documents are dropped. Directory walks follow sorted paths.
+
+    **Returns:**
+
+    The documents as a list of `bytes`, never empty.
+
+    **Raises:**
+
+    `DataError` when the path is missing or of an unsupported kind, a `.jsonl` line is
+    not an object with a string `text` field, or no non-empty document is found.
+    """
+    if path is None:
+        where = f"the standard library at {sysconfig.get_paths()['stdlib']}"
+        documents = _default_documents()
+    else:
+        path = os.fspath(path)
+        where = path
+        if os.path.isdir(path):
+            documents = _directory_documents(path)
+        elif not os.path.exists(path):
+            raise DataError(
+                f"{path}: no such file or directory; expected a directory, a .txt "
+                "file or a .jsonl file"
+            )
+        elif path.endswith(".txt"):
+            documents = _txt_documents(path)
+        elif path.endswith(".jsonl"):
+            documents = _jsonl_documents(path)
+        else:
+            raise DataError(
+                f"{path}: unsupported corpus file; expected a directory, a .txt file "
+                "or a .jsonl file"
+            )
+    if not documents:
+        raise DataError(
+            f"{where}: empty corpus; expected at least one non-empty document"
+        )
+    return documents
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**64:
+        raise DataError(f"seed must be an integer in [0, 2**64), got {seed}")
+
+
+def _seeded_digest(seed: int, purpose: bytes, data: bytes) -> bytes:
+    """A stable hash of `data`, keyed by `seed` and `purpose`."""
+    hasher = hashlib.blake2b(digest_size=16, person=purpose)
+    hasher.update(seed.to_bytes(8, "little"))
+    hasher.update(data)
+    return hasher.digest()
+
+
+def split_documents(
+    documents: Sequence[bytes], *, eval_fraction: float = 0.01, seed: int = 0
+) -> tuple[list[bytes], list[bytes]]:
+    """Split documents into a training set and a held-out set.
+
+    Distinct documents are ranked by a hash of their bytes keyed by `seed`; the first
+    `round(eval_fraction * num_distinct)` of them (clipped to at least one, and to
+    leave at least one for training) are held out. The split is deterministic, does
+    not depend on the order of `documents`, and copies of the same document always
+    land on the same side, so nothing held out is also trained on.
+
+    **Arguments:**
+
+    - `documents`: raw documents, e.g. from `load_documents`.
+    - `eval_fraction`: the fraction of distinct documents held out, in `(0, 1)`.
+    - `seed`: a non-negative integer choosing the split.
+
+    **Returns:**
+
+    `(train, held_out)`: two non-empty lists of documents, each in input order.
+
+    **Raises:**
+
+    `DataError` when there are fewer than two distinct documents or `eval_fraction`
+    is not in `(0, 1)`.
+    """
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    _check_seed(seed)
+    distinct = set(documents)
+    if len(distinct) < 2:
+        raise DataError(
+            "split_documents needs at least 2 distinct documents to hold some out, "
+            f"got {len(distinct)} distinct among {len(documents)}"
+        )
+    ranked = sorted(distinct, key=lambda d: (_seeded_digest(seed, b"split", d), d))
+    num_held_out = min(max(round(eval_fraction * len(ranked)), 1), len(ranked) - 1)
+    held_out_set = set(ranked[:num_held_out])
+    train = [d for d in documents if d not in held_out_set]
+    held_out = [d for d in documents if d in held_out_set]
+    return train, held_out
+
+
+def pack_documents(
+    token_arrays: Sequence[Int[np.ndarray, " _"]], seq_len: int
+) -> dict[str, Int[np.ndarray, "rows seq"]]:
+    """Pack token sequences into rows of a fixed length.
+
+    The sequences are concatenated as one stream, in the given order, and cut into
+    rows of `seq_len`. A sequence that crosses a row boundary continues at the start
+    of the next row as a new segment. Every token appears exactly once.
+
+    **Arguments:**
+
+    - `token_arrays`: one-dimensional token id arrays, e.g. from `encode_document`.
+    - `seq_len`: the row length, positive.
+
+    **Returns:**
+
+    A dict of int32 `[rows, seq_len]` arrays, `rows = ceil(num_tokens / seq_len)`:
+
+    - `tokens`: the token ids, `PAD_ID` after the end of the stream.
+    - `segment_ids`: `1, 2, 3, ...` for the pieces of sequences within each row, `0`
+        for padding.
+    - `positions`: the offset of each token from the start of its segment (restarting
+        at `0` in every row), `0` for padding.
+    """
+    if seq_len < 1:
+        raise DataError(f"seq_len must be positive, got {seq_len}")
+    arrays = [np.asarray(a, np.int32).reshape(-1) for a in token_arrays]
+    arrays = [a for a in arrays if a.size]
+    lengths = np.array([a.size for a in arrays], dtype=np.int64)
+    num_tokens = int(lengths.sum())
+    num_rows = -(-num_tokens // seq_len)
+    packed = {k: np.zeros(num_rows * seq_len, np.int32) for k in _PACKED_KEYS}
+    packed["tokens"][:] = PAD_ID
+    if num_tokens:
+        # Token g of the stream belongs to document d(g) and row g // seq_len; its
+        # segment starts at the later of the document's start and the row's start,
+        # and its segment id counts the documents begun in the row up to it.
+        index_dtype = np.int32 if num_tokens < 2**31 else np.int64
+        document = np.repeat(np.arange(len(arrays), dtype=index_dtype), lengths)
+        stream_index = np.arange(num_tokens, dtype=index_dtype)
+        document_start = (np.cumsum(lengths) - lengths).astype(index_dtype)[document]
+        row_start = stream_index - stream_index % seq_len
+        first_document_of_row = document[row_start]
+        packed["tokens"][:num_tokens] = np.concatenate(arrays)
+        packed["segment_ids"][:num_tokens] = document - first_document_of_row + 1
+        packed["positions"][:num_tokens] = stream_index - np.maximum(
+            document_start, row_start
+        )
+    return {k: v.reshape(num_rows, seq_len) for k, v in packed.items()}
+
+
+def _pack_text(documents: Sequence[bytes], seq_len: int) -> dict[str, np.ndarray]:
+    return pack_documents([encode_document(d) for d in documents], seq_len)
+
+
+class TrainBatches(Iterator[dict[str, np.ndarray]]):
+    """An endless, checkpointable stream of shuffled training batches.
+
+    The documents are put in an order chosen by `seed`, packed with `pack_documents`,
+    and the rows served by a `grain.MapDataset` that shuffles them afresh every epoch
+    (deterministically from `seed`). Each epoch yields `epoch_rows // batch_size`
+    batches of distinct rows; the `epoch_rows % batch_size` rows left over change from
+    epoch to epoch.
+
+    Iterate it (`next(batches)`) for dicts of int32 `[batch_size, seq_len]` arrays
+    `tokens`, `segment_ids` and `positions` (see `pack_documents`). `get_state()` and
+    `set_state(state)` save and restore the position in the stream.
+    """
+
+    seq_len: int
+    batch_size: int
+    seed: int
+    rows: dict[str, np.ndarray]
+    epoch_rows: int
+    batches_per_epoch: int
+
+    def __init__(
+        self,
+        documents: Sequence[bytes],
+        *,
+        seq_len: int,
+        batch_size: int,
+        seed: int = 0,
+    ):
+        """**Arguments:**
+
+        - `documents`: the raw training documents.
+        - `seq_len`: the row length, positive.
+        - `batch_size`: rows per batch, positive and at most the number of packed rows.
+        - `seed`: a non-negative integer choosing the document order and the shuffles.
+
+        **Raises:**
+
+        `DataError` when there are fewer packed rows than `batch_size`.
+        """
+        if batch_size < 1:
+            raise DataError(f"batch_size must be positive, got {batch_size}")
+        _check_seed(seed)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        order = sorted(
+            range(len(documents)),
+            key=lambda i: _seeded_digest(seed, b"order", documents[i]),
+        )
+        self.rows = _pack_text([documents[i] for i in order], seq_len)
+        self.epoch_rows = len(self.rows["tokens"])
+        if self.epoch_rows < batch_size:
+            raise DataError(
+                f"batch_size={batch_size} is more than the {self.epoch_rows} rows of "
+                f"seq_len={seq_len} that the training documents pack into"
+            )
+        self.batches_per_epoch = self.epoch_rows // batch_size
+        # grain seeds epoch e's shuffle with `seed + e`, so seeds s and s + 1 would
+        # share shuffles one epoch apart; hashing the seed decorrelates them.
+        shuffle_seed = int.from_bytes(
+            _seeded_digest(seed, b"shuffle", b"")[:4], "little"
+        )
+        rows = self.rows
+        dataset = (
+            grain.MapDataset.range(self.epoch_rows)
+            .shuffle(seed=shuffle_seed)
+            # Batching before `repeat` keeps batches inside an epoch.
+            .batch(batch_size, drop_remainder=True)
+            .map(lambda index: {k: rows[k][index] for k in _PACKED_KEYS})
+            .repeat()
+        )
+        # The rows are in memory: reading threads would only contend for the GIL.
+        read_options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        self._iterator = iter(dataset.to_iter_dataset(read_options))
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def _config(self) -> dict[str, int]:
+        return {
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch_rows": self.epoch_rows,
+        }
+
+    def get_state(self) -> dict[str, Any]:
+        """The position in the stream, as a JSON-serialisable dict.
+
+        **Returns:**
+
+        A dict for `set_state` of an instance built with the same arguments.
+        """
+        return {"config": self._config(), "iterator": self._iterator.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Continue from a position saved by `get_state`.
+
+        **Arguments:**
+
+        - `state`: a dict from `get_state`, possibly through a JSON round trip.
+
+        **Raises:**
+
+        `DataError` when the state was saved by an instance built differently.
+        """
+        if state.get("config") != self._config():
+            raise DataError(
+                f"state saved for {state.get('config')} cannot restore batches for "
+                f"{self._config()}"
+            )
+        self._iterator.set_state(state["iterator"])
+
+
+def eval_batches(
+    documents: Sequence[bytes], *, seq_len: int, batch_size: int
+) -> list[dict[str, Int[np.ndarray, "batch seq"]]]:
+    """Every held-out document, packed in order and cut into full batches.
+
+    **Arguments:**
+
+    - `documents`: the raw held-out documents, at least one.
+    - `seq_len`: the row length, positive.
+    - `batch_size`: rows per batch, positive.
+
+    **Returns:**
+
+    A list of dicts of int32 `[batch_size, seq_len]` arrays `tokens`, `segment_ids`
+    and `positions` (see `pack_documents`). The last batch is completed with padding
+    rows (`PAD_ID`, segment `0`, position `0`), which carry no loss.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be positive, got {batch_size}")
+    if not documents:
+        raise DataError("eval_batches needs at least one document, got none")
+    rows = _pack_text(documents, seq_len)
+    num_rows = len(rows["tokens"])
+    num_padding_rows = -num_rows % batch_size
+    padding_values = {"tokens": PAD_ID, "segment_ids": 0, "positions": 0}
+    padded = {
+        k: np.concatenate(
+            [rows[k], np.full((num_padding_rows, seq_len), padding_values[k], np.int32)]
+        )
+        for k in _PACKED_KEYS
+    }
+    return [
+        {k: padded[k][start : start + batch_size] for k in _PACKED_KEYS}
+        for start in range(0, num_rows + num_padding_rows, batch_size)
+    ]

@@ -1,0 +1,123 @@
+"""Held-out evaluation of every depth: loss, accuracy, agreement with the trunk."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from ._model import MTPModel
+from ._mtp import scan_depths
+from ._roll import roll_and_mask
+from ._targets import depth_targets, segment_positions
+
+
+def _depth_statistics(logits, targets, valid, trunk_guess):
+    """Sums of loss, correct top-1 guesses, agreements with the trunk, and the count."""
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    losses = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    guess = jnp.argmax(logits, axis=-1)
+    as_float = lambda x: jnp.sum(jnp.where(valid, x, False), dtype=jnp.float32)  # noqa: E731
+    return jnp.stack(
+        [
+            jnp.sum(jnp.where(valid, losses, 0.0)),
+            as_float(guess == targets),
+            as_float(guess == trunk_guess),
+            jnp.sum(valid, dtype=jnp.float32),
+        ]
+    )
+
+
+@eqx.filter_jit
+def batch_statistics(
+    model: MTPModel,
+    tokens: Int[Array, "batch seq"],
+    segment_ids: Int[Array, "batch seq"],
+    positions: Int[Array, "batch seq"] | None = None,
+) -> Array:
+    """`[num_depths + 1, 4]` sums for one batch: loss, correct, agree, count.
+
+    Row `k` is depth `k` (row 0 the main objective, whose agreement is with itself).
+    Depth `k` at position `i` agrees when its argmax equals the trunk's argmax at
+    `i + k`: both guess `t_{i+k+1}` (DESIGN.md §1, teacher-forced agreement).
+    """
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    trunk = model.trunk
+    hidden = jax.vmap(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
+        tokens, positions, segment_ids
+    )
+    main_logits = trunk.logits(hidden)
+    trunk_guess = jnp.argmax(main_logits, axis=-1)
+    targets, valid = depth_targets(tokens, 0, segment_ids=segment_ids)
+    rows = [_depth_statistics(main_logits, targets, valid, trunk_guess)]
+    if model.depths is not None:
+
+        def readout(k, normed):
+            logits = jnp.matmul(
+                normed, trunk.unembedding_matrix.T, preferred_element_type=jnp.float32
+            )
+            depth_targets_k, depth_valid = depth_targets(
+                tokens, k, segment_ids=segment_ids
+            )
+            trunk_ahead = roll_and_mask(trunk_guess, -k)
+            return _depth_statistics(logits, depth_targets_k, depth_valid, trunk_ahead)
+
+        rows.append(
+            scan_depths(
+                model.depths,
+                hidden,
+                tokens,
+                embedding=trunk.embedding,
+                final_norm=trunk.final_norm,
+                readout=readout,
+                segment_ids=segment_ids,
+                positions=positions,
+            )
+        )
+    return jnp.concatenate([rows[0][None], *rows[1:]], axis=0)
+
+
+def evaluate(model: MTPModel, batches: Iterable[dict[str, np.ndarray]]) -> dict:
+    """Evaluate every depth on held-out batches.
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `batches`: dicts with `tokens`, `segment_ids` and optionally `positions`, each
+        `[batch, seq]`.
+
+    **Returns:**
+
+    A dict of plain floats/lists: `main_bits_per_byte` (main loss in bits per target
+    token, each token being one byte or a document delimiter), `depth_losses` (nats,
+    index 0 the main objective), `depth_accuracy` (top-1 against the true token),
+    `depth_agreement` (with the trunk's own guess of the same token; 1.0 at index 0)
+    and `tokens` (targets counted at depth 0).
+    """
+    totals = None
+    for batch in batches:
+        stats = batch_statistics(
+            model,
+            jnp.asarray(batch["tokens"]),
+            jnp.asarray(batch["segment_ids"]),
+            None if batch.get("positions") is None else jnp.asarray(batch["positions"]),
+        )
+        stats = np.asarray(stats, np.float64)
+        totals = stats if totals is None else totals + stats
+    if totals is None:
+        raise ValueError("evaluate: batches is empty; need at least one batch")
+    counts = np.maximum(totals[:, 3], 1.0)
+    losses = totals[:, 0] / counts
+    return dict(
+        main_bits_per_byte=float(losses[0] / math.log(2)),
+        depth_losses=[float(x) for x in losses],
+        depth_accuracy=[float(x) for x in totals[:, 1] / counts],
+        depth_agreement=[float(x) for x in totals[:, 2] / counts],
+        tokens=int(totals[0, 3]),
+    )

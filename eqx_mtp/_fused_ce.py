@@ -1,0 +1,342 @@
+"""Cross-entropy from hidden states and an unembedding matrix, computed in chunks of
+tokens so that the `[tokens, vocab]` logits are never materialised (DESIGN.md §2).
+
+Two custom VJPs:
+
+- [`eqx_mtp.fused_cross_entropy`][] returns per-token losses. Its forward keeps one
+    float per token (the log-normaliser); its backward recomputes one chunk of logits
+    at a time: four matmuls in all.
+- `fused_loss_sum` returns a masked *sum*. Its logits gradient `softmax - one_hot` is
+    known in the forward pass, so both matmul gradients are accumulated there, chunk by
+    chunk, and the backward only scales them by the scalar cotangent: three matmuls, no
+    recompute, at the price of keeping gradient-sized residuals.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+DEFAULT_CHUNK_SIZE = 256
+
+
+def _logits(h: Array, w: Array) -> Array:
+    """`h @ w.T` in float32: `[chunk, dim] x [vocab, dim] -> [chunk, vocab]`."""
+    return jax.lax.dot_general(
+        h, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def _target_logits(h: Array, w: Array, targets: Array) -> Array:
+    """`(h @ w.T)[i, targets[i]]` as one dot product per token."""
+    return jnp.einsum("td,td->t", h, w[targets], preferred_element_type=jnp.float32)
+
+
+def _grad_hidden(g: Array, w: Array) -> Array:
+    """`g @ w`, float32 accumulation: `[chunk, vocab] x [vocab, dim]`."""
+    return jnp.matmul(g.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _grad_unembed(g: Array, h: Array) -> Array:
+    """`g.T @ h`, float32 accumulation: `[chunk, vocab] x [chunk, dim]`."""
+    return jax.lax.dot_general(
+        g.astype(h.dtype),
+        h,
+        (((0,), (0,)), ((), ())),
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _check_chunk(name: str, value: int | None) -> None:
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or value < 1
+    ):
+        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def _chunked(x: Array, chunk: int, fill) -> Array:
+    """Pad axis 0 of `x` with `fill` to a multiple of `chunk`, then split it into
+    `[num_chunks, chunk, ...]`."""
+    pad = -x.shape[0] % chunk
+    if pad:
+        x = jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
+    return x.reshape((-1, chunk) + x.shape[1:])
+
+
+def _unchunked(x: Array, length: int) -> Array:
+    return x.reshape((-1,) + x.shape[2:])[:length]
+
+
+def _common_dtype(hidden: Array, unembed: Array):
+    # Both operands of every matmul share a dtype (bfloat16 with float32 is float32);
+    # accumulation is float32 regardless.
+    with jax.numpy_dtype_promotion("standard"):
+        return jnp.promote_types(hidden.dtype, unembed.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Per-token losses: forward keeps the log-normaliser, backward recomputes the logits.
+# --------------------------------------------------------------------------------------
+
+
+def _token_losses_fwd_impl(hidden, unembed, targets, where, chunk, vocab_chunk):
+    """Per-token losses and log-normalisers, `[tokens]` each, float32."""
+    num_tokens = hidden.shape[0]
+    vocab_size = unembed.shape[0]
+    dtype = _common_dtype(hidden, unembed)
+    hidden = hidden.astype(dtype)
+    unembed = unembed.astype(dtype)
+    w_chunks = _chunked(unembed, vocab_chunk, 0)
+    starts = jnp.arange(w_chunks.shape[0], dtype=jnp.int32) * vocab_chunk
+    pads_vocab = vocab_size % vocab_chunk != 0
+
+    def token_body(_, xs):
+        h, t, valid = xs
+
+        # Online log-sum-exp over vocabulary chunks (one chunk when not splitting).
+        def vocab_body(carry, ys):
+            running_max, running_sum = carry
+            w, start = ys
+            logits = _logits(h, w)
+            if pads_vocab:
+                columns = start + jnp.arange(vocab_chunk, dtype=jnp.int32)
+                logits = jnp.where(columns < vocab_size, logits, -jnp.inf)
+            new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+            running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
+                jnp.exp(logits - new_max[:, None]), axis=-1
+            )
+            return (new_max, running_sum), None
+
+        init = (
+            jnp.full((h.shape[0],), -jnp.inf, jnp.float32),
+            jnp.zeros((h.shape[0],), jnp.float32),
+        )
+        if w_chunks.shape[0] == 1:
+            (row_max, row_sum), _ = vocab_body(init, (w_chunks[0], starts[0]))
+        else:
+            (row_max, row_sum), _ = jax.lax.scan(vocab_body, init, (w_chunks, starts))
+        log_normalizer = row_max + jnp.log(row_sum)
+        losses = log_normalizer - _target_logits(h, unembed, t)
+        return None, (jnp.where(valid, losses, 0.0), log_normalizer)
+
+    _, (losses, log_normalizers) = jax.lax.scan(
+        token_body,
+        None,
+        (
+            _chunked(hidden, chunk, 0),
+            _chunked(targets, chunk, 0),
+            _chunked(where, chunk, False),
+        ),
+    )
+    return _unchunked(losses, num_tokens), _unchunked(log_normalizers, num_tokens)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _token_losses(hidden, unembed, targets, where, chunk, vocab_chunk):
+    losses, _ = _token_losses_fwd_impl(
+        hidden, unembed, targets, where, chunk, vocab_chunk
+    )
+    return losses
+
+
+def _token_losses_fwd(hidden, unembed, targets, where, chunk, vocab_chunk):
+    losses, log_normalizers = _token_losses_fwd_impl(
+        hidden, unembed, targets, where, chunk, vocab_chunk
+    )
+    return losses, (hidden, unembed, targets, where, log_normalizers)
+
+
+def _token_losses_bwd(chunk, vocab_chunk, residuals, cotangent):
+    hidden, unembed, targets, where, log_normalizers = residuals
+    num_tokens, dim = hidden.shape
+    dtype = _common_dtype(hidden, unembed)
+    h_all = hidden.astype(dtype)
+    w_chunks = _chunked(unembed.astype(dtype), vocab_chunk, 0)
+    starts = jnp.arange(w_chunks.shape[0], dtype=jnp.int32) * vocab_chunk
+    # Masked tokens get an exactly zero logits gradient.
+    scales = jnp.where(where, cotangent.astype(jnp.float32), 0.0)
+
+    def token_body(grad_w_chunks, xs):
+        h, t, scale, log_normalizer = xs
+
+        def vocab_body(grad_h, ys):
+            w, grad_w, start = ys
+            probs = jnp.exp(_logits(h, w) - log_normalizer[:, None])
+            columns = start + jnp.arange(w.shape[0], dtype=jnp.int32)
+            # Padded vocabulary rows of `w` are zero: their columns add nothing to
+            # `grad_h`, and their rows of `grad_w` are cut off below.
+            g = jnp.where(columns == t[:, None], probs - 1.0, probs) * scale[:, None]
+            grad_h = grad_h + _grad_hidden(g, w)
+            return grad_h, grad_w + _grad_unembed(g, h)
+
+        grad_h, grad_w_chunks = jax.lax.scan(
+            vocab_body,
+            jnp.zeros(h.shape, jnp.float32),
+            (w_chunks, grad_w_chunks, starts),
+        )
+        return grad_w_chunks, grad_h.astype(hidden.dtype)
+
+    grad_w_chunks, grad_h = jax.lax.scan(
+        token_body,
+        jnp.zeros(w_chunks.shape, jnp.float32),
+        (
+            _chunked(h_all, chunk, 0),
+            _chunked(targets, chunk, 0),
+            _chunked(scales, chunk, 0.0),
+            _chunked(log_normalizers, chunk, 0.0),
+        ),
+    )
+    grad_w = _unchunked(grad_w_chunks, unembed.shape[0]).astype(unembed.dtype)
+    return _unchunked(grad_h, num_tokens), grad_w, None, None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def fused_cross_entropy(
+    hidden: Float[Array, "tokens dim"],
+    unembed: Float[Array, "vocab dim"],
+    targets: Int[Array, " tokens"],
+    *,
+    where: Bool[Array, " tokens"] | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size: int | None = None,
+) -> Float[Array, " tokens"]:
+    """Per-token cross-entropy `-log softmax(hidden @ unembed.T)[target]`, computed a
+    chunk of tokens at a time so that neither the forward nor the backward pass holds
+    more than one `[chunk_size, vocab_chunk_size]` block of logits.
+
+    The forward pass keeps one float per token (the log-normaliser); the backward pass
+    recomputes each chunk's logits. Inputs may be float32 or bfloat16; logits, softmax
+    and gradient accumulation are float32, and the gradients w.r.t. `hidden` and
+    `unembed` come back in their input dtypes.
+
+    **Arguments:**
+
+    - `hidden`: `[tokens, dim]` hidden states (after the final norm).
+    - `unembed`: `[vocab, dim]` output matrix; logits are `hidden @ unembed.T`.
+    - `targets`: `[tokens]` integer target ids in `[0, vocab)`.
+    - `where`: optional boolean `[tokens]`; tokens where it is `False` get loss `0` and
+        add exactly zero to both gradients.
+    - `chunk_size`: tokens per chunk; any number of tokens works (the last chunk is
+        padded). `None` is one chunk.
+    - `vocab_chunk_size`: vocabulary entries per chunk (an online log-sum-exp joins
+        them); `None` keeps the whole vocabulary in one chunk.
+
+    **Returns:**
+
+    `[tokens]` float32 losses, `0` where `where` is `False`.
+    """
+    _check_chunk("chunk_size", chunk_size)
+    _check_chunk("vocab_chunk_size", vocab_chunk_size)
+    num_tokens = hidden.shape[0]
+    if where is None:
+        where = jnp.ones((num_tokens,), jnp.bool_)
+    if num_tokens == 0:
+        return jnp.zeros((0,), jnp.float32)
+    chunk = num_tokens if chunk_size is None else min(chunk_size, num_tokens)
+    vocab_size = unembed.shape[0]
+    vocab_chunk = (
+        vocab_size if vocab_chunk_size is None else min(vocab_chunk_size, vocab_size)
+    )
+    return _token_losses(hidden, unembed, targets, where, chunk, vocab_chunk)
+
+
+# --------------------------------------------------------------------------------------
+# Loss sum: gradients accumulated in the forward pass, scaled in the backward.
+# --------------------------------------------------------------------------------------
+
+
+def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
+    """The masked loss sum and, when `with_grads`, its gradients w.r.t. `hidden` and
+    `unembed` (in their dtypes) for a unit cotangent."""
+    num_tokens = hidden.shape[0]
+    dtype = _common_dtype(hidden, unembed)
+    h_all = hidden.astype(dtype)
+    w = unembed.astype(dtype)
+
+    def body(carry, xs):
+        total, grad_w = carry
+        h, t, valid = xs
+        logits = _logits(h, w)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        exps = jnp.exp(logits - row_max)
+        row_sum = jnp.sum(exps, axis=-1, keepdims=True)
+        log_normalizer = row_max[:, 0] + jnp.log(row_sum[:, 0])
+        losses = log_normalizer - _target_logits(h, w, t)
+        total = total + jnp.sum(jnp.where(valid, losses, 0.0))
+        if not with_grads:
+            return (total, grad_w), None
+        columns = jnp.arange(w.shape[0], dtype=jnp.int32)
+        probs = exps / row_sum
+        g = jnp.where(columns == t[:, None], probs - 1.0, probs)
+        g = jnp.where(valid[:, None], g, 0.0)
+        grad_h = _grad_hidden(g, w).astype(hidden.dtype)
+        return (total, grad_w + _grad_unembed(g, h)), grad_h
+
+    init = (
+        jnp.zeros((), jnp.float32),
+        jnp.zeros(w.shape, jnp.float32) if with_grads else None,
+    )
+    (total, grad_w), grad_h = jax.lax.scan(
+        body,
+        init,
+        (
+            _chunked(h_all, chunk, 0),
+            _chunked(targets, chunk, 0),
+            _chunked(where, chunk, False),
+        ),
+    )
+    if not with_grads:
+        return total, None
+    return total, (_unchunked(grad_h, num_tokens), grad_w.astype(unembed.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loss_sum(hidden, unembed, targets, where, chunk):
+    total, _ = _loss_sum_impl(hidden, unembed, targets, where, chunk, False)
+    return total
+
+
+def _loss_sum_fwd(hidden, unembed, targets, where, chunk):
+    return _loss_sum_impl(hidden, unembed, targets, where, chunk, True)
+
+
+def _loss_sum_bwd(chunk, residuals, cotangent):
+    grad_h, grad_w = residuals
+    cotangent = cotangent.astype(jnp.float32)
+
+    def scale(g):
+        return (cotangent * g.astype(jnp.float32)).astype(g.dtype)
+
+    return scale(grad_h), scale(grad_w), None, None
+
+
+_loss_sum.defvjp(_loss_sum_fwd, _loss_sum_bwd)
+
+
+def fused_loss_sum(
+    hidden: Float[Array, "tokens dim"],
+    unembed: Float[Array, "vocab dim"],
+    targets: Int[Array, " tokens"],
+    where: Bool[Array, " tokens"],
+    *,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> Float[Array, ""]:
+    """`sum(where * -log softmax(hidden @ unembed.T)[target])` in chunks of tokens, with
+    both matmul gradients accumulated in the forward pass (three matmuls in all).
+
+    Under differentiation it keeps gradient-sized residuals (`[tokens, dim]` and
+    `[vocab, dim]`) instead of recomputing the logits; without differentiation it is a
+    single chunked matmul. Arguments as for [`eqx_mtp.fused_cross_entropy`][], except
+    that `where` is required and the vocabulary is never split.
+    """
+    _check_chunk("chunk_size", chunk_size)
+    num_tokens = hidden.shape[0]
+    if num_tokens == 0:
+        return jnp.zeros((), jnp.float32)
+    chunk = num_tokens if chunk_size is None else min(chunk_size, num_tokens)
+    return _loss_sum(hidden, unembed, targets, where, chunk)

@@ -1,0 +1,299 @@
+"""The MTP training objective as pure functions of (model, batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
+
+from ._cross_entropy import head_loss_sum
+from ._model import MTPModel
+from ._mtp import mtp_depth_losses
+from ._schedule import MTPWeight
+from ._targets import depth_targets, segment_positions
+
+Reduction = Literal["mean", "pooled"]
+DepthWeights = Sequence[float] | Float[ArrayLike, " depths"]
+
+
+def check_batch(
+    model: MTPModel,
+    tokens,
+    *,
+    segment_ids=None,
+    positions=None,
+    loss_mask=None,
+) -> None:
+    """Raise a `ValueError`/`TypeError` naming the argument when a batch does not fit
+    `model` (shapes, dtypes, sequence length against depth and `max_seq_len`)."""
+    config = model.config
+    if getattr(tokens, "ndim", None) != 2:
+        raise ValueError(
+            "tokens must have shape [batch, seq], got shape "
+            f"{getattr(tokens, 'shape', None)}"
+        )
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
+    seq_len = tokens.shape[1]
+    if seq_len > config.max_seq_len:
+        raise ValueError(
+            f"tokens: seq_len={seq_len} exceeds the model's max_seq_len="
+            f"{config.max_seq_len}"
+        )
+    if config.num_depths + 2 > seq_len:
+        raise ValueError(
+            f"num_depths={config.num_depths} is too large for seq_len={seq_len}: "
+            "depth D predicts the token D + 1 places ahead, so seq_len must be at "
+            "least num_depths + 2"
+        )
+    for name, value, kind in (
+        ("segment_ids", segment_ids, jnp.integer),
+        ("positions", positions, jnp.integer),
+        ("loss_mask", loss_mask, jnp.bool_),
+    ):
+        if value is None:
+            continue
+        if value.shape != tokens.shape:
+            raise ValueError(
+                f"{name} must have the shape of tokens {tokens.shape}, "
+                f"got {value.shape}"
+            )
+        if not jnp.issubdtype(value.dtype, kind):
+            expected = "boolean" if kind is jnp.bool_ else "integer"
+            raise TypeError(f"{name} must be a {expected} array, got {value.dtype}")
+
+
+def mtp_loss_sums(
+    model: MTPModel,
+    tokens: Int[Array, "batch seq"],
+    *,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    positions: Int[Array, "batch seq"] | None = None,
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+) -> tuple[Float[Array, " depths_plus_one"], Int[Array, " depths_plus_one"]]:
+    """Per-depth cross-entropy sums and valid-token counts; index 0 is the main
+    (next-token) objective, index `k` depth `k`.
+
+    Nothing is divided, so sums and counts from several devices or micro-batches can be
+    added before [`eqx_mtp.reduce_losses`][] turns them into a loss.
+
+    **Arguments:**
+
+    - `model`: the [`eqx_mtp.MTPModel`][].
+    - `tokens`: `[batch, seq]` integer token ids in `[0, vocab_size)`.
+    - `segment_ids`: optional `[batch, seq]` document ids of packed rows (`0` =
+        padding).
+    - `positions`: optional `[batch, seq]` positions; by default they restart at 0 in
+        every segment.
+    - `loss_mask`: optional boolean `[batch, seq]`: which tokens may be targets.
+
+    **Returns:**
+
+    `(loss_sums, token_counts)`, float32 and int32 arrays of shape `[num_depths + 1]`.
+    """
+    check_batch(
+        model, tokens, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask
+    )
+    vocab_size = model.config.vocab_size
+    tokens = eqx.error_if(
+        tokens,
+        (tokens < 0) | (tokens >= vocab_size),
+        f"tokens: every id must lie in [0, vocab_size={vocab_size})",
+    )
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+
+    trunk = model.trunk
+    if model.config.train_depths_only:
+        # The shared embedding, unembedding and final norm are the trunk's too: the
+        # depths train against a frozen trunk.
+        trunk_arrays, trunk_static = eqx.partition(trunk, eqx.is_array)
+        trunk = eqx.combine(jax.lax.stop_gradient(trunk_arrays), trunk_static)
+    hidden = jax.vmap(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
+        tokens, positions, segment_ids
+    )
+
+    targets, valid = depth_targets(
+        tokens, 0, segment_ids=segment_ids, loss_mask=loss_mask
+    )
+    main_sum, main_count = head_loss_sum(
+        trunk.final_norm(hidden).reshape(-1, hidden.shape[-1]),
+        trunk.unembedding_matrix,
+        targets.reshape(-1),
+        valid.reshape(-1),
+        chunk_size=model.config.loss_chunk_size,
+        impl=model.config.loss_impl,
+    )
+    if model.depths is None:
+        return main_sum[None], main_count[None]
+    depth_sums, depth_counts = mtp_depth_losses(
+        model.depths,
+        hidden,
+        tokens,
+        embedding=trunk.embedding,
+        unembedding=trunk.unembedding_matrix,
+        final_norm=trunk.final_norm,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        loss_chunk_size=model.config.loss_chunk_size,
+        loss_impl=model.config.loss_impl,
+    )
+    loss_sums = jnp.concatenate([main_sum[None], depth_sums])
+    token_counts = jnp.concatenate([main_count[None], depth_counts])
+    return loss_sums, token_counts
+
+
+def resolve_mtp_weight(
+    mtp_weight: MTPWeight, step: int | Int[ArrayLike, ""] | None = None
+) -> Float[Array, ""]:
+    """λ as a float32 scalar: `mtp_weight` itself, or `mtp_weight(step)` when it is a
+    schedule (an optax-style callable, e.g. from [`eqx_mtp.parse_mtp_weight`][])."""
+    if callable(mtp_weight):
+        if step is None:
+            raise ValueError("mtp_weight is a schedule of the step: pass step= as well")
+        mtp_weight = mtp_weight(step)
+    value = jnp.asarray(mtp_weight, jnp.float32)
+    if value.shape != ():
+        raise ValueError(f"mtp_weight must be a scalar, got shape {value.shape}")
+    return value
+
+
+def _depth_weights(depth_weights: DepthWeights, num_depths: int) -> Array:
+    weights = jnp.asarray(depth_weights, jnp.float32)
+    if weights.shape != (num_depths,):
+        raise ValueError(
+            f"depth_weights must have shape ({num_depths},), one weight per MTP depth, "
+            f"got {weights.shape}"
+        )
+    try:
+        host = np.asarray(weights)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return weights  # traced values cannot be checked here
+    if num_depths and (np.any(host < 0) or not np.sum(host) > 0):
+        raise ValueError(
+            "depth_weights must be non-negative with a positive sum, got "
+            f"{host.tolist()}"
+        )
+    return weights
+
+
+def reduce_losses(
+    loss_sums: Float[Array, " depths_plus_one"],
+    token_counts: Int[Array, " depths_plus_one"],
+    *,
+    mtp_weight: MTPWeight = 0.1,
+    reduction: Reduction = "mean",
+    depth_weights: DepthWeights | None = None,
+    step: int | Int[ArrayLike, ""] | None = None,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """Turn globally reduced per-depth sums and counts into the training loss.
+
+    `L = S_0 / N_0 + λ · L_mtp`, with `L_mtp = (1/D) Σ_k S_k / N_k`
+    (`reduction="mean"`, DeepSeek-V3) or `Σ_k S_k / Σ_k N_k` (`"pooled"`). Counts are
+    clamped at 1, so a depth with no valid token contributes 0 and a zero gradient.
+
+    With `depth_weights` `w_1 … w_D` (e.g. a geometric decay `0.5 ** k`) both become
+    weighted means, so λ stays the total MTP weight and `w` may be scaled freely:
+
+    - `"mean"`: `L_mtp = Σ_k w_k S_k / max(N_k, 1) / Σ_k w_k`;
+    - `"pooled"`: `L_mtp = Σ_k w_k S_k / Σ_k w_k N_k` (a token of depth `k` counts
+        `w_k` times; the denominator is taken as 1 when it is 0).
+
+    Equal weights give the unweighted reductions.
+
+    **Arguments:**
+
+    - `loss_sums`, `token_counts`: `[D + 1]` sums and counts from
+        [`eqx_mtp.mtp_loss_sums`][], reduced over every device and micro-batch.
+    - `mtp_weight`: λ: a float, a scalar array, or a schedule `step -> λ` (e.g.
+        [`eqx_mtp.parse_mtp_weight`][]'s or an optax schedule) evaluated at `step`.
+    - `reduction`: `"mean"` or `"pooled"`.
+    - `depth_weights`: optional `[D]` non-negative weights with a positive sum, one per
+        depth; `None` weighs every depth equally.
+    - `step`: the step at which a schedule `mtp_weight` is evaluated; required then,
+        unused otherwise.
+
+    **Returns:**
+
+    `(loss, aux)`; `aux` holds `loss_sums`, `token_counts`, `depth_losses` (each
+    depth's mean, index 0 the main objective), `main_loss` and `mtp_loss`.
+    """
+    if reduction not in ("mean", "pooled"):
+        raise ValueError(f"reduction must be 'mean' or 'pooled', got {reduction!r}")
+    weight = resolve_mtp_weight(mtp_weight, step)
+    counts = jnp.maximum(token_counts, 1).astype(jnp.float32)
+    depth_losses = loss_sums / counts
+    main_loss = depth_losses[0]
+    num_depths = loss_sums.shape[0] - 1
+    weights = None
+    if depth_weights is not None:
+        weights = _depth_weights(depth_weights, num_depths)
+    if num_depths == 0:
+        extra = jnp.zeros((), jnp.float32)
+    elif weights is not None and reduction == "mean":
+        extra = jnp.sum(weights * depth_losses[1:]) / jnp.sum(weights)
+    elif weights is not None:
+        pooled_count = jnp.sum(weights * token_counts[1:].astype(jnp.float32))
+        pooled_count = jnp.where(pooled_count > 0, pooled_count, 1.0)
+        extra = jnp.sum(weights * loss_sums[1:]) / pooled_count
+    elif reduction == "mean":
+        extra = jnp.mean(depth_losses[1:])
+    else:
+        pooled_count = jnp.maximum(jnp.sum(token_counts[1:]), 1).astype(jnp.float32)
+        extra = jnp.sum(loss_sums[1:]) / pooled_count
+    loss = main_loss + weight * extra
+    aux = dict(
+        loss_sums=loss_sums,
+        token_counts=token_counts,
+        depth_losses=depth_losses,
+        main_loss=main_loss,
+        mtp_loss=extra,
+    )
+    return loss, aux
+
+
+def mtp_loss(
+    model: MTPModel,
+    tokens: Int[Array, "batch seq"],
+    *,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    positions: Int[Array, "batch seq"] | None = None,
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+    mtp_weight: MTPWeight = 0.1,
+    reduction: Reduction = "mean",
+    depth_weights: DepthWeights | None = None,
+    step: int | Int[ArrayLike, ""] | None = None,
+) -> tuple[Float[Array, ""], dict[str, Array]]:
+    """The MTP training loss of one batch: main next-token loss plus `mtp_weight` times
+    the MTP loss. A pure function of `(model, batch)`, differentiable w.r.t. `model`.
+
+    **Arguments:**
+
+    - `model`, `tokens`, `segment_ids`, `positions`, `loss_mask`: see
+        [`eqx_mtp.mtp_loss_sums`][].
+    - `mtp_weight`: λ: a float, a scalar array, or a schedule of `step`.
+    - `reduction`, `depth_weights`, `step`: see [`eqx_mtp.reduce_losses`][].
+
+    **Returns:**
+
+    `(loss, aux)` as [`eqx_mtp.reduce_losses`][] returns them.
+    """
+    loss_sums, token_counts = mtp_loss_sums(
+        model, tokens, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask
+    )
+    return reduce_losses(
+        loss_sums,
+        token_counts,
+        mtp_weight=mtp_weight,
+        reduction=reduction,
+        depth_weights=depth_weights,
+        step=step,
+    )

@@ -1,0 +1,72 @@
+"""`MTPModel`: our Llama-style trunk plus its stacked MTP depths."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._config import ModelConfig
+from ._mtp import LinearBlock, MLPBlock, MTPDepths
+from ._transformer import Transformer, TransformerBlock
+
+
+def depth_layer_factory(config: ModelConfig):
+    """`key -> layer` for the depth block named by `config.mtp_block`."""
+    if config.mtp_block == "transformer":
+        return lambda key: TransformerBlock(config, key=key)
+    if config.mtp_block == "mlp":
+        return lambda key: MLPBlock(
+            config.dim, config.mlp_dim, eps=config.norm_eps, key=key
+        )
+    return lambda key: LinearBlock(config.dim, key=key)
+
+
+class MTPModel(eqx.Module):
+    """A decoder trunk with `config.num_depths` multi-token-prediction depths.
+
+    Its arrays are plain leaves (no static arrays), so `eqx.filter(model, eqx.is_array)`
+    is everything a checkpoint needs; the rest is rebuilt from `config`.
+
+    **Arguments:**
+
+    - `config`: the [`eqx_mtp.ModelConfig`][].
+    - `key`: PRNG key.
+    """
+
+    trunk: Transformer
+    depths: MTPDepths | None
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        if not isinstance(config, ModelConfig):
+            raise TypeError(
+                f"MTPModel: config must be an eqx_mtp.ModelConfig, got {type(config)}"
+            )
+        trunk_key, depths_key = jax.random.split(key)
+        self.trunk = Transformer(config, key=trunk_key)
+        if config.num_depths == 0:
+            self.depths = None
+        else:
+            self.depths = MTPDepths(
+                config.num_depths,
+                config.dim,
+                make_layer=depth_layer_factory(config),
+                kind=config.mtp_kind,
+                shared_layer=config.shared_depth_layer,
+                depth_final_norm=config.depth_final_norm,
+                norm_eps=config.norm_eps,
+                remat=config.remat,
+                key=depths_key,
+            )
+        self.config = config
+
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"],
+    ) -> Float[Array, "seq dim"]:
+        """The trunk's last hidden states `h⁰` of one row, before the final norm."""
+        return self.trunk(tokens, positions=positions, segment_ids=segment_ids)

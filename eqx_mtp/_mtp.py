@@ -1,0 +1,323 @@
+"""The MTP depths: one stacked module run by one `jax.lax.scan`, on any trunk."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._config import MTPKind, RematPolicy
+from ._cross_entropy import head_loss_sum
+from ._fused_ce import DEFAULT_CHUNK_SIZE
+from ._roll import roll_and_mask
+from ._targets import depth_targets, segment_positions
+from ._transformer import RMSNorm, dense, remat, stack_modules, unstack_module
+
+LayerFactory = Callable[[PRNGKeyArray], eqx.Module]
+
+
+class MLPBlock(eqx.Module):
+    """A residual SwiGLU block with the trunk block's call signature (positions and
+    segment ids are accepted and unused)."""
+
+    norm: RMSNorm
+    gate_proj: eqx.nn.Linear
+    up_proj: eqx.nn.Linear
+    down_proj: eqx.nn.Linear
+
+    def __init__(self, dim: int, hidden_dim: int, *, eps: float = 1e-6, key):
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        self.norm = RMSNorm(dim, eps=eps)
+        self.gate_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=gate_key)
+        self.up_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=up_key)
+        self.down_proj = eqx.nn.Linear(hidden_dim, dim, use_bias=False, key=down_key)
+
+    def __call__(self, x, *, positions=None, segment_ids=None):
+        normed = self.norm(x)
+        hidden = jax.nn.silu(dense(self.gate_proj, normed)) * dense(
+            self.up_proj, normed
+        )
+        return x + dense(self.down_proj, hidden)
+
+
+class LinearBlock(eqx.Module):
+    """`x + W x`: the smallest layer with the trunk block's call signature."""
+
+    proj: eqx.nn.Linear
+
+    def __init__(self, dim: int, *, key):
+        self.proj = eqx.nn.Linear(dim, dim, use_bias=False, key=key)
+
+    def __call__(self, x, *, positions=None, segment_ids=None):
+        return x + dense(self.proj, x)
+
+
+class MTPDepth(eqx.Module):
+    """One MTP depth, with the field names of DeepSeek-V3's released MTP weights.
+
+    Sequential: `layer(eh_proj([enorm(E[t_{i+k}]) ; hnorm(h^{k-1}_i)]))`.
+    Parallel: `layer(h⁰_i)` (`enorm`, `hnorm` and `eh_proj` are `None`).
+    `layer` is `None` when the depths share one layer; `norm` is the depth's own final
+    norm (`shared_head.norm`), or `None` to use the trunk's.
+    """
+
+    enorm: RMSNorm | None
+    hnorm: RMSNorm | None
+    eh_proj: eqx.nn.Linear | None
+    layer: eqx.Module | None
+    norm: RMSNorm | None
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        make_layer: LayerFactory | None,
+        kind: MTPKind = "sequential",
+        depth_final_norm: bool = False,
+        norm_eps: float = 1e-6,
+        key: PRNGKeyArray,
+    ):
+        proj_key, layer_key = jax.random.split(key)
+        if kind == "sequential":
+            self.enorm = RMSNorm(dim, eps=norm_eps)
+            self.hnorm = RMSNorm(dim, eps=norm_eps)
+            # [out, in] = [dim, 2·dim], the layout of DeepSeek-V3's eh_proj.weight.
+            self.eh_proj = eqx.nn.Linear(2 * dim, dim, use_bias=False, key=proj_key)
+        else:
+            self.enorm = self.hnorm = self.eh_proj = None
+        self.layer = None if make_layer is None else make_layer(layer_key)
+        self.norm = RMSNorm(dim, eps=norm_eps) if depth_final_norm else None
+
+    def __call__(
+        self,
+        hidden: Float[Array, "seq dim"],
+        next_embeddings: Float[Array, "seq dim"] | None,
+        *,
+        positions: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"],
+        layer: eqx.Module | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """This depth's hidden state from the previous depth's (or, parallel, the
+        trunk's) and the embeddings of the tokens `k` places ahead."""
+        layer = self.layer if layer is None else layer
+        if self.eh_proj is None:
+            x = hidden
+        else:
+            assert self.enorm is not None and self.hnorm is not None
+            assert next_embeddings is not None
+            combined = jnp.concatenate(
+                [self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1
+            )
+            x = dense(self.eh_proj, combined)
+        return layer(x, positions=positions, segment_ids=segment_ids)
+
+
+class MTPDepths(eqx.Module):
+    """`num_depths` MTP depths stored as one [`eqx_mtp.MTPDepth`][] whose array leaves
+    have a leading depth axis, run by one `jax.lax.scan`.
+
+    **Arguments:**
+
+    - `num_depths`: number of depths `D >= 1`.
+    - `dim`: width of the hidden states.
+    - `make_layer`: `key -> module`, the block each depth runs; any Equinox module
+        with the call signature `block(x [seq, dim], *, positions, segment_ids)`.
+    - `kind`: `"sequential"` (DeepSeek-V3) or `"parallel"` (Gloeckle et al.).
+    - `shared_layer`: one layer, built once, reused at every depth.
+    - `depth_final_norm`: give each depth its own final norm.
+    - `norm_eps`: epsilon of the depth norms.
+    - `remat`: rematerialisation policy of the depth scan.
+    - `key`: PRNG key.
+    """
+
+    depths: MTPDepth
+    shared_layer: eqx.Module | None
+    num_depths: int = eqx.field(static=True)
+    kind: MTPKind = eqx.field(static=True)
+    remat_policy: RematPolicy = eqx.field(static=True)
+
+    def __init__(
+        self,
+        num_depths: int,
+        dim: int,
+        *,
+        make_layer: LayerFactory,
+        kind: MTPKind = "sequential",
+        shared_layer: bool = False,
+        depth_final_norm: bool = False,
+        norm_eps: float = 1e-6,
+        remat: RematPolicy = "none",
+        key: PRNGKeyArray,
+    ):
+        if not isinstance(num_depths, int) or num_depths < 1:
+            raise ValueError(f"MTPDepths: num_depths must be >= 1, got {num_depths!r}")
+        if kind not in ("sequential", "parallel"):
+            raise ValueError(
+                f"MTPDepths: kind must be 'sequential' or 'parallel', got {kind!r}"
+            )
+        depths_key, layer_key = jax.random.split(key)
+        self.depths = stack_modules(
+            lambda k: MTPDepth(
+                dim,
+                make_layer=None if shared_layer else make_layer,
+                kind=kind,
+                depth_final_norm=depth_final_norm,
+                norm_eps=norm_eps,
+                key=k,
+            ),
+            num_depths,
+            key=depths_key,
+        )
+        self.shared_layer = make_layer(layer_key) if shared_layer else None
+        self.num_depths = num_depths
+        self.kind = kind
+        self.remat_policy = remat
+
+    def depth(self, index: int) -> MTPDepth:
+        """Depth `index + 1` as an ordinary (unstacked) module; its `layer` is the
+        shared layer when the depths share one."""
+        depth = unstack_module(self.depths, index)
+        if self.shared_layer is not None:
+            depth = eqx.tree_at(
+                lambda d: d.layer, depth, self.shared_layer, is_leaf=lambda x: x is None
+            )
+        return depth
+
+
+def _batched_row_defaults(tokens, segment_ids, positions):
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    return segment_ids, positions
+
+
+def scan_depths(
+    depths: MTPDepths,
+    hidden: Float[Array, "batch seq dim"],
+    tokens: Int[Array, "batch seq"],
+    *,
+    embedding: Float[Array, "vocab dim"],
+    final_norm: Callable[[Array], Array],
+    readout: Callable[[Int[Array, ""], Float[Array, "batch seq dim"]], Any],
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    positions: Int[Array, "batch seq"] | None = None,
+) -> Any:
+    """Run every depth in one `jax.lax.scan` and stack what `readout` returns per depth.
+
+    At depth `k` (1-based) the body builds `h^k` from `h^{k-1}` (sequential) or `h⁰`
+    (parallel), applies the depth's own final norm (or `final_norm`), and calls
+    `readout(k, normed_hidden)`; only that depth's readout inputs are alive at once.
+
+    **Arguments:**
+
+    - `depths`: the stacked depths.
+    - `hidden`: `[batch, seq, dim]` trunk output `h⁰`, before its final norm.
+    - `tokens`: `[batch, seq]` token ids.
+    - `embedding`: the shared `[vocab, dim]` token embedding.
+    - `final_norm`: the trunk's final norm, used by depths without their own; called
+        on `[batch, seq, dim]` arrays, so it must act on the last axis (as
+        [`eqx_mtp.RMSNorm`][] does; wrap a per-vector norm such as `eqx.nn.RMSNorm` in
+        `jax.vmap(jax.vmap(norm))`).
+    - `readout`: `(depth, normed_hidden) -> pytree of arrays`.
+    - `segment_ids`, `positions`: as for the trunk; derived when absent.
+
+    **Returns:**
+
+    `readout`'s outputs stacked along a new leading depth axis of size `num_depths`.
+    """
+    segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
+    dynamic, static = eqx.partition(depths.depths, eqx.is_array)
+    shared_layer = depths.shared_layer
+    sequential = depths.kind == "sequential"
+
+    def body(previous, xs):
+        depth_params, k = xs
+        depth = eqx.combine(depth_params, static)
+        source = previous if sequential else hidden
+        if sequential:
+            ahead = roll_and_mask(tokens, -k, segment_ids=segment_ids)
+            next_embeddings = embedding[ahead]
+        else:
+            next_embeddings = None
+
+        def one_row(h, e, p, s):
+            return depth(h, e, positions=p, segment_ids=s, layer=shared_layer)
+
+        h_k = jax.vmap(one_row)(source, next_embeddings, positions, segment_ids)
+        norm = final_norm if depth.norm is None else depth.norm
+        return h_k, readout(k, norm(h_k))
+
+    depth_numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
+    _, outputs = jax.lax.scan(
+        remat(body, depths.remat_policy), hidden, (dynamic, depth_numbers)
+    )
+    return outputs
+
+
+def mtp_depth_losses(
+    depths: MTPDepths,
+    hidden: Float[Array, "batch seq dim"],
+    tokens: Int[Array, "batch seq"],
+    *,
+    embedding: Float[Array, "vocab dim"],
+    unembedding: Float[Array, "vocab dim"],
+    final_norm: Callable[[Array], Array],
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    positions: Int[Array, "batch seq"] | None = None,
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+    loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    loss_impl: str = "fused",
+) -> tuple[Float[Array, " depths"], Int[Array, " depths"]]:
+    """Per-depth cross-entropy sums and token counts of MTP depths on any trunk.
+
+    Research code with its own transformer adds MTP by passing its last hidden states
+    (before the final norm), its embedding and unembedding matrices and its final norm.
+
+    **Arguments:**
+
+    - `depths`: the stacked [`eqx_mtp.MTPDepths`][].
+    - `hidden`: `[batch, seq, dim]` trunk output `h⁰`, before the final norm.
+    - `tokens`: `[batch, seq]` token ids.
+    - `embedding`: shared `[vocab, dim]` token embedding.
+    - `unembedding`: shared `[vocab, dim]` output matrix (logits = `h @ unembedding.T`).
+    - `final_norm`: the trunk's final norm, acting on the last axis of
+        `[batch, seq, dim]` (see [`eqx_mtp.scan_depths`][]).
+    - `segment_ids`, `positions`, `loss_mask`: see [`eqx_mtp.depth_targets`][].
+    - `loss_chunk_size`, `loss_impl`: `chunk_size` and `impl` of
+        [`eqx_mtp.head_loss_sum`][].
+
+    **Returns:**
+
+    `(loss_sums, token_counts)`, each of shape `[num_depths]`; entry `k - 1` belongs to
+    depth `k`, which predicts `t_{i+k+1}`. Nothing is divided: reduce them globally.
+    """
+    segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
+
+    def readout(k, normed):
+        targets, valid = depth_targets(
+            tokens, k, segment_ids=segment_ids, loss_mask=loss_mask
+        )
+        return head_loss_sum(
+            normed.reshape(-1, normed.shape[-1]),
+            unembedding,
+            targets.reshape(-1),
+            valid.reshape(-1),
+            chunk_size=loss_chunk_size,
+            impl=loss_impl,
+        )
+
+    return scan_depths(
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        final_norm=final_norm,
+        readout=readout,
+        segment_ids=segment_ids,
+        positions=positions,
+    )

@@ -1,0 +1,50 @@
+"""Shifting token-aligned arrays along the sequence axis without crossing documents."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Int, Shaped
+
+
+def roll_and_mask(
+    x: Shaped[Array, "batch seq *rest"],
+    shift: int | Int[ArrayLike, ""] = -1,
+    *,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+) -> Shaped[Array, "batch seq *rest"]:
+    """Shift `x` along its sequence axis, filling with zeros instead of wrapping.
+
+    Position `i` of the result holds `x[:, i - shift]`: with the default `shift=-1`
+    every position sees its right neighbour (the next token), and `shift=-k` the token
+    `k` places ahead. Positions whose source falls outside the row are zero.
+
+    **Arguments:**
+
+    - `x`: array of shape `[batch, seq, ...]`.
+    - `shift`: how far to move the values right (negative: left). May be a traced
+        integer, so it can vary inside a `jax.lax.scan` over depths.
+    - `segment_ids`: optional `[batch, seq]` document ids of packed rows, `0` meaning
+        padding. When given, a position is also zeroed when its source lies in another
+        segment than its own, or in padding.
+
+    **Returns:**
+
+    An array of the same shape and dtype as `x`.
+    """
+    if x.ndim < 2:
+        raise ValueError(
+            f"roll_and_mask: x must have shape [batch, seq, ...], got shape {x.shape}"
+        )
+    seq_len = x.shape[1]
+    source = jnp.arange(seq_len) - shift
+    keep = ((source >= 0) & (source < seq_len))[None, :]
+    if segment_ids is not None:
+        if segment_ids.shape != x.shape[:2]:
+            raise ValueError(
+                "roll_and_mask: segment_ids must have shape [batch, seq] = "
+                f"{x.shape[:2]}, got {segment_ids.shape}"
+            )
+        source_segment = jnp.roll(segment_ids, shift, axis=1)
+        keep = keep & (source_segment == segment_ids) & (source_segment != 0)
+    keep = keep.reshape(keep.shape + (1,) * (x.ndim - 2))
+    return jnp.where(keep, jnp.roll(x, shift, axis=1), jnp.zeros((), x.dtype))

@@ -1,0 +1,95 @@
+"""Which positions count at each depth: targets and DESIGN.md §1's validity rule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, ArrayLike, Bool, Int
+
+from ._roll import roll_and_mask
+
+
+def depth_targets(
+    tokens: Int[Array, "batch seq"],
+    depth: int | Int[ArrayLike, ""],
+    *,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
+    """Targets and validity of MTP depth `depth` (`0` is the main objective).
+
+    Position `i` at depth `k` predicts `t[i + k + 1]`, and counts when
+
+    `i + k + 1 < seq and seg[i] != 0 and seg[i + k + 1] == seg[i] and mask[i + k + 1]`.
+
+    The segment check compares position `i` with the target's position directly, so a
+    target in the next document never counts, whatever lies between them.
+
+    **Arguments:**
+
+    - `tokens`: `[batch, seq]` token ids.
+    - `depth`: the depth `k >= 0`; may be a traced integer.
+    - `segment_ids`: optional `[batch, seq]` document ids of packed rows (`0` =
+        padding). Absent, the whole row is one document.
+    - `loss_mask`: optional boolean `[batch, seq]`; `loss_mask[j]` says token `j` may be
+        a target.
+
+    **Returns:**
+
+    `(targets, valid)`: the target ids (zero where invalid) and the boolean validity.
+    """
+    shift = -(depth + 1)
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    can_be_target = (
+        jnp.ones(tokens.shape, jnp.bool_) if loss_mask is None else loss_mask
+    )
+    valid = roll_and_mask(can_be_target, shift, segment_ids=segment_ids)
+    targets = jnp.where(valid, jnp.roll(tokens, shift, axis=1), 0)
+    return targets, valid
+
+
+def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
+    """Positions that restart at 0 wherever the segment id changes along a row.
+
+    **Arguments:**
+
+    - `segment_ids`: `[batch, seq]` document ids of packed rows.
+
+    **Returns:**
+
+    `[batch, seq]` int32 positions: the distance of each token from the first token of
+    its run of equal segment ids.
+    """
+    seq_len = segment_ids.shape[1]
+    index = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate(
+        [
+            jnp.ones(segment_ids.shape[:1] + (1,), jnp.bool_),
+            segment_ids[:, 1:] != segment_ids[:, :-1],
+        ],
+        axis=1,
+    )
+    start_index = jnp.maximum.accumulate(jnp.where(starts, index, 0), axis=1)
+    return index - start_index
+
+
+def valid_token_counts(
+    tokens: Int[Array, "batch seq"],
+    num_depths: int,
+    *,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+) -> Int[Array, " depths_plus_one"]:
+    """How many positions count at each depth `0 … num_depths`, without running a
+    model: the `token_counts` that [`eqx_mtp.mtp_loss_sums`][] will return for this
+    batch. Known before the forward pass, so a loss built from globally reduced
+    counts can be differentiated one micro-batch at a time."""
+
+    def count(depth):
+        _, valid = depth_targets(
+            tokens, depth, segment_ids=segment_ids, loss_mask=loss_mask
+        )
+        return jnp.sum(valid, dtype=jnp.int32)
+
+    return jax.vmap(count)(jnp.arange(num_depths + 1, dtype=jnp.int32))

@@ -1,0 +1,432 @@
+"""The training job behind `eqx-mtp train`: data, model, optimiser, checkpoints,
+evaluation, metrics and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import tomllib
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from ._checkpoint import Checkpointer, CheckpointError, write_json
+from ._config import ModelConfig
+from ._data import (
+    BYTE_VOCAB_SIZE,
+    TrainBatches,
+    eval_batches,
+    load_documents,
+    split_documents,
+)
+from ._eval import evaluate
+from ._model import MTPModel
+from ._schedule import parse_mtp_weight
+from ._train_step import make_optimizer, train_step
+
+
+class UserError(Exception):
+    """Bad input to the training job: reported as one line, without a traceback."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `eqx-mtp train` needs; CLI flags and `--config FILE` override it.
+
+    Model fields go to [`eqx_mtp.ModelConfig`][]; `mtp_weight` is a float or a
+    schedule `"0.3@0,0.1@800"` (λ = 0.3 from step 0, 0.1 from step 800).
+    """
+
+    data: str | None = None
+    run: str | None = None
+    resume: bool = False
+    steps: int = 300
+    batch_size: int = 12
+    micro_batches: int = 1
+    seq_len: int = 256
+    max_seq_len: int | None = None
+    dim: int = 192
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_dim: int = 512
+    num_depths: int = 2
+    mtp_kind: str = "sequential"
+    mtp_block: str = "transformer"
+    depth_final_norm: bool = False
+    shared_depth_layer: bool = False
+    remat: str = "none"
+    learning_rate: float = 2e-3
+    warmup_steps: int = 30
+    min_learning_rate_ratio: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_weight: str = "0.3"
+    reduction: str = "mean"
+    seed: int = 0
+    eval_fraction: float = 0.02
+    eval_every: int = 100
+    eval_batches: int = 8
+    save_every: int = 100
+    keep: int = 3
+    log_every: int = 10
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "micro_batches", "seq_len", "keep"):
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"--{_flag(name)} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("eval_every", "save_every", "log_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise UserError(
+                    f"--{_flag(name)} must be >= 0, got {getattr(self, name)}"
+                )
+        if self.batch_size % self.micro_batches:
+            raise UserError(
+                f"--micro-batches={self.micro_batches} must divide "
+                f"--batch-size={self.batch_size}"
+            )
+        if self.max_seq_len is not None and self.seq_len > self.max_seq_len:
+            raise UserError(
+                f"--seq-len={self.seq_len} exceeds the model's "
+                f"--max-seq-len={self.max_seq_len}"
+            )
+        if self.num_depths >= self.seq_len:
+            raise UserError(
+                f"--num-depths={self.num_depths} must be smaller than "
+                f"--seq-len={self.seq_len} (depth D predicts D + 1 tokens ahead)"
+            )
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise UserError(
+                f"--eval-fraction must lie in (0, 1), got {self.eval_fraction}"
+            )
+        if self.reduction not in ("mean", "pooled"):
+            raise UserError(
+                f"--reduction must be 'mean' or 'pooled', got {self.reduction!r}"
+            )
+        try:
+            parse_mtp_weight(self.mtp_weight)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+
+    def model_config(self) -> ModelConfig:
+        """The byte-level model this run trains."""
+        try:
+            return ModelConfig(
+                vocab_size=BYTE_VOCAB_SIZE,
+                dim=self.dim,
+                num_layers=self.num_layers,
+                num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads,
+                mlp_dim=self.mlp_dim,
+                max_seq_len=self.max_seq_len or self.seq_len,
+                num_depths=self.num_depths,
+                mtp_kind=self.mtp_kind,
+                mtp_block=self.mtp_block,
+                depth_final_norm=self.depth_final_norm,
+                shared_depth_layer=self.shared_depth_layer,
+                remat=self.remat,
+            )
+        except ValueError as error:
+            raise UserError(str(error).replace("ModelConfig.", "--")) from None
+
+
+# Fields that may change between a run and its resumption: they do not change what
+# the next step computes (except `steps`, which only stretches the cosine decay).
+RESUMABLE_FIELDS = frozenset(
+    {
+        "run",
+        "resume",
+        "steps",
+        "eval_every",
+        "save_every",
+        "keep",
+        "log_every",
+        "eval_batches",
+    }
+)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON or TOML file of [`eqx_mtp.TrainConfig`][] fields."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"--config: no such file: {path}")
+    try:
+        if path.suffix == ".toml":
+            values = tomllib.loads(path.read_text())
+        else:
+            values = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserError(f"--config: cannot parse {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config: {path} must hold a table/object of fields")
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"--config: unknown fields in {path}: {', '.join(unknown)}")
+    return values
+
+
+def _resolve_run_directory(config: TrainConfig) -> pathlib.Path:
+    if config.run is not None:
+        run = pathlib.Path(config.run)
+    elif config.resume:
+        runs = sorted(p for p in pathlib.Path("runs").glob("*") if p.is_dir())
+        if not runs:
+            raise UserError("--resume: no run to continue under runs/; pass --run DIR")
+        run = runs[-1]
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run = pathlib.Path("runs") / stamp
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--run: cannot write to {run}: {error.strerror}") from None
+    return run
+
+
+def _has_checkpoints(run: pathlib.Path) -> bool:
+    directory = run / "checkpoints"
+    return directory.is_dir() and any(
+        p.name.isdigit() for p in directory.iterdir() if p.is_dir()
+    )
+
+
+def _stored_config(config: TrainConfig) -> dict:
+    train_fields = {
+        k: v for k, v in dataclasses.asdict(config).items() if k not in RESUMABLE_FIELDS
+    }
+    return dict(model=config.model_config().to_dict(), train=train_fields)
+
+
+def _format_losses(losses) -> str:
+    return " ".join(f"{x:.3f}" for x in losses)
+
+
+def _log(metrics_file, record: dict) -> None:
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+
+
+def train(
+    config: TrainConfig, *, stop_after: int | None = None, progress: bool = True
+) -> dict:
+    """Run (or resume) a training job and return its summary.
+
+    **Arguments:**
+
+    - `config`: the [`eqx_mtp.TrainConfig`][].
+    - `stop_after`: stop (after checkpointing) once this step is done, as if the job
+        were pre-empted; `None` runs to `config.steps`.
+    - `progress`: show a tqdm progress bar.
+
+    **Returns:**
+
+    A dict with the run directory, the final step, the last training metrics, the
+    final eval and the mean tokens/s.
+    """
+    model_config = config.model_config()
+    run = _resolve_run_directory(config)
+    if _has_checkpoints(run) and not config.resume:
+        raise UserError(
+            f"--run {run} already holds checkpoints; pass --resume to continue it or "
+            "choose another --run (nothing was overwritten)"
+        )
+    if config.resume and not _has_checkpoints(run):
+        raise UserError(f"--resume: no checkpoint to continue in {run}")
+
+    documents = load_documents(config.data)
+    train_docs, held_out = split_documents(
+        documents, eval_fraction=config.eval_fraction, seed=config.seed
+    )
+    batches = TrainBatches(
+        train_docs,
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )
+    evaluation = eval_batches(
+        held_out, seq_len=config.seq_len, batch_size=config.batch_size
+    )[: max(config.eval_batches, 1)]
+
+    rng = jax.random.key(config.seed)
+    model = MTPModel(model_config, key=rng)
+    optimizer = make_optimizer(
+        model,
+        learning_rate=config.learning_rate,
+        total_steps=config.steps,
+        warmup_steps=config.warmup_steps,
+        min_learning_rate_ratio=config.min_learning_rate_ratio,
+        weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+    )
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    stored_config = _stored_config(config)
+    checkpointer = Checkpointer(run / "checkpoints", keep=config.keep)
+    start_step = 0
+    if config.resume:
+        try:
+            restored = checkpointer.restore(
+                model_config=model_config,
+                opt_state_template=jax.eval_shape(lambda: opt_state),
+                config=stored_config,
+            )
+        except CheckpointError as error:
+            checkpointer.close()
+            raise UserError(str(error)) from None
+        model, opt_state, rng = restored.model, restored.opt_state, restored.rng
+        batches.set_state(restored.data_state)
+        start_step = restored.step
+    write_json(run / "config.json", dict(stored_config, run=dataclasses.asdict(config)))
+    print("eqx-mtp train: effective config", file=sys.stderr)
+    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+    print(f"run directory: {run}, starting at step {start_step}", file=sys.stderr)
+
+    mtp_weight = parse_mtp_weight(config.mtp_weight)
+    last_step = config.steps if stop_after is None else min(stop_after, config.steps)
+    micro = config.micro_batches
+    tokens_per_step = config.batch_size * config.seq_len
+    timed_tokens, timed_seconds = 0, 0.0
+    last_metrics: dict = {}
+    final_eval = None
+
+    def save(step, eval_loss=None):
+        checkpointer.save(
+            step,
+            model=model,
+            opt_state=opt_state,
+            data_state=batches.get_state(),
+            rng=rng,
+            config=stored_config,
+            eval_loss=eval_loss,
+        )
+
+    def run_eval(step):
+        result = evaluate(model, evaluation)
+        _log(metrics_file, dict(step=step, eval=result))
+        return result
+
+    metrics_path = run / "metrics.jsonl"
+    with (
+        open(metrics_path, "a") as metrics_file,
+        tqdm(
+            total=config.steps,
+            initial=start_step,
+            disable=not progress,
+            dynamic_ncols=True,
+            desc="train",
+        ) as bar,
+    ):
+        for step in range(start_step + 1, last_step + 1):
+            batch = next(batches)
+            shaped = {
+                k: jnp.asarray(v).reshape(micro, -1, v.shape[-1])
+                for k, v in batch.items()
+            }
+            weight = float(mtp_weight(step - 1) if callable(mtp_weight) else mtp_weight)
+            started = time.perf_counter()
+            model, opt_state, metrics = train_step(
+                optimizer,
+                model,
+                opt_state,
+                shaped,
+                jnp.asarray(weight, jnp.float32),
+                config.reduction,
+            )
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - started
+            if step > start_step + 1:  # the first step includes compilation
+                timed_tokens += tokens_per_step
+                timed_seconds += elapsed
+            tokens_per_second = timed_tokens / timed_seconds if timed_seconds else 0.0
+            depth_losses = [float(x) for x in metrics["depth_losses"]]
+            last_metrics = dict(
+                step=step,
+                loss=float(metrics["loss"]),
+                main_loss=depth_losses[0],
+                depth_losses=depth_losses,
+                mtp_weight=weight,
+                grad_norm=float(metrics["grad_norm"]),
+                tokens_per_second=tokens_per_second,
+            )
+            if not all(math.isfinite(x) for x in depth_losses):
+                save(step)
+                checkpointer.close()
+                raise FloatingPointError(
+                    f"non-finite loss at step {step}: {depth_losses}"
+                )
+            bar.update(1)
+            bar.set_postfix_str(
+                f"main {depth_losses[0]:.3f} | depths "
+                f"{_format_losses(depth_losses[1:]) or '-'} | "
+                f"{tokens_per_second:,.0f} tok/s"
+            )
+            if config.log_every and (step % config.log_every == 0 or step == last_step):
+                _log(metrics_file, last_metrics)
+            eval_loss = None
+            if config.eval_every and step % config.eval_every == 0 and step < last_step:
+                result = run_eval(step)
+                eval_loss = result["depth_losses"][0]
+                bar.write(
+                    f"step {step}: eval {result['main_bits_per_byte']:.3f} bits/byte, "
+                    f"depth losses {_format_losses(result['depth_losses'])}"
+                )
+            if config.save_every and step % config.save_every == 0 and step < last_step:
+                save(step, eval_loss)
+        final_step = max(last_step, start_step)
+        if final_step > start_step or not checkpointer.steps():
+            final_eval = run_eval(final_step)
+            save(final_step, final_eval["depth_losses"][0])
+    checkpointer.close()
+
+    summary = dict(
+        run=str(run),
+        step=final_step,
+        last_train=last_metrics,
+        eval=final_eval,
+        tokens_per_second=timed_tokens / timed_seconds if timed_seconds else None,
+    )
+    if final_eval is not None:
+        write_json(run / "summary.json", summary)
+        from ._plot import plot_losses
+
+        plot_losses(metrics_path, run / "losses.png")
+        print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """The final eval as a Markdown table: one row per depth."""
+    result = summary["eval"]
+    lines = [
+        f"run {summary['run']}, step {summary['step']}, "
+        f"{summary['tokens_per_second'] or 0:,.0f} tokens/s, held-out main loss "
+        f"{result['main_bits_per_byte']:.3f} bits/byte",
+        "",
+        "| depth | predicts | loss (nats) | top-1 accuracy | agreement with trunk |",
+        "|---|---|---|---|---|",
+    ]
+    for k, (loss, accuracy, agreement) in enumerate(
+        zip(result["depth_losses"], result["depth_accuracy"], result["depth_agreement"])
+    ):
+        agree = "—" if k == 0 else f"{agreement:.3f}"
+        lines.append(f"| {k} | t+{k + 1} | {loss:.3f} | {accuracy:.3f} | {agree} |")
+    return "\n".join(lines)

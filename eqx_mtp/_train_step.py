@@ -1,0 +1,162 @@
+"""One optimisation step: optimizer, exact gradient accumulation, parameter update."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PyTree
+
+from ._loss import Reduction, mtp_loss_sums, reduce_losses
+from ._model import MTPModel
+from ._targets import valid_token_counts
+
+_NO_DECAY_NAMES = ("embedding", "unembedding")
+
+
+def weight_decay_mask(model: MTPModel) -> PyTree[bool]:
+    """`True` for the arrays AdamW should decay: every matrix except the token
+    embedding/unembedding, and nothing inside a norm."""
+
+    def decays(path, leaf) -> bool:
+        names = [getattr(key, "name", "") for key in path]
+        if any(name in _NO_DECAY_NAMES or name.endswith("norm") for name in names):
+            return False
+        return True
+
+    params = eqx.filter(model, eqx.is_array)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(
+    model: MTPModel,
+    *,
+    learning_rate: float,
+    total_steps: int,
+    warmup_steps: int,
+    min_learning_rate_ratio: float = 0.1,
+    weight_decay: float = 0.1,
+    grad_clip: float = 1.0,
+    b1: float = 0.9,
+    b2: float = 0.95,
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine decay, global-norm clipping, and weight
+    decay only where [`eqx_mtp.weight_decay_mask`][] says."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=learning_rate,
+        warmup_steps=max(warmup_steps, 0),
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=learning_rate * min_learning_rate_ratio,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(grad_clip),
+        optax.adamw(
+            schedule,
+            b1=b1,
+            b2=b2,
+            weight_decay=weight_decay,
+            mask=weight_decay_mask(model),
+        ),
+    )
+
+
+def accumulated_loss_and_grad(
+    model: MTPModel,
+    batch: dict[str, Int[Array, "micro batch seq"]],
+    *,
+    mtp_weight: float | Float[Array, ""],
+    reduction: Reduction = "mean",
+    loss_sums_fn: Callable = mtp_loss_sums,
+) -> tuple[Float[Array, ""], dict[str, Array], PyTree]:
+    """Loss and gradient of a batch split into micro-batches, equal to those of the
+    whole batch at once.
+
+    The loss is linear in the per-depth sums once the counts are fixed, and the counts
+    depend only on the batch, so they are reduced over every micro-batch first; each
+    micro-batch then contributes `Σ_k c_k ∇S_k` with `c_k = ∂L/∂S_k` at the global
+    counts. No normalised mean is ever added to an unnormalised sum.
+
+    **Arguments:**
+
+    - `model`: the model.
+    - `batch`: `tokens` and optional `segment_ids`, `positions`, `loss_mask`, each
+        `[micro_batches, rows, seq]`.
+    - `mtp_weight`, `reduction`: as for [`eqx_mtp.reduce_losses`][].
+
+    **Returns:**
+
+    `(loss, aux, grads)` with `aux` as [`eqx_mtp.reduce_losses`][] returns it.
+    """
+    tokens = batch["tokens"]
+    segment_ids = batch.get("segment_ids")
+    loss_mask = batch.get("loss_mask")
+    num_depths = model.config.num_depths
+    flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
+    token_counts = valid_token_counts(
+        flat(tokens),
+        num_depths,
+        segment_ids=flat(segment_ids),
+        loss_mask=flat(loss_mask),
+    )
+    coefficients = jax.grad(
+        lambda sums: reduce_losses(
+            sums, token_counts, mtp_weight=mtp_weight, reduction=reduction
+        )[0]
+    )(jnp.zeros(num_depths + 1, jnp.float32))
+
+    def surrogate(m, micro):
+        sums, _ = loss_sums_fn(
+            m,
+            micro["tokens"],
+            segment_ids=micro.get("segment_ids"),
+            positions=micro.get("positions"),
+            loss_mask=micro.get("loss_mask"),
+        )
+        return jnp.dot(coefficients, sums), sums
+
+    grad_fn = eqx.filter_grad(surrogate, has_aux=True)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def accumulate(carry, micro):
+        grads_sum, sums_sum = carry
+        grads, sums = grad_fn(eqx.combine(params, static), micro)
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, sums_sum + sums), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = jnp.zeros(num_depths + 1, jnp.float32)
+    micro_batches = {k: v for k, v in batch.items() if v is not None}
+    (grads, loss_sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_sums), micro_batches
+    )
+    loss, aux = reduce_losses(
+        loss_sums, token_counts, mtp_weight=mtp_weight, reduction=reduction
+    )
+    return loss, aux, grads
+
+
+@eqx.filter_jit(donate="all-except-first")
+def train_step(
+    optimizer: optax.GradientTransformation,
+    model: MTPModel,
+    opt_state: PyTree,
+    batch: dict[str, Array],
+    mtp_weight: Float[Array, ""],
+    reduction: Reduction = "mean",
+) -> tuple[MTPModel, PyTree, dict[str, Array]]:
+    """One AdamW step on a `[micro_batches, rows, seq]` batch; returns the new model,
+    optimizer state and the loss metrics (with the gradient's global norm)."""
+    loss, aux, grads = accumulated_loss_and_grad(
+        model, batch, mtp_weight=mtp_weight, reduction=reduction
+    )
+    params = eqx.filter(model, eqx.is_array)
+    # optax mixes Python floats with int32 step counts; our own code stays strict.
+    with jax.numpy_dtype_promotion("standard"):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+    model = eqx.apply_updates(model, updates)
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+    return model, opt_state, metrics

@@ -1,0 +1,305 @@
+"""A Llama-style decoder trunk: RMSNorm, rotary embeddings, grouped-query attention with
+a block-diagonal (packed-row) causal mask, SwiGLU, and a scanned stack of blocks.
+
+Every module acts on one example (`[seq, dim]`); batch with `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from ._config import ModelConfig, RematPolicy
+
+
+class RMSNorm(eqx.Module):
+    """Root-mean-square normalisation over the last axis with a learned scale."""
+
+    weight: Float[Array, " dim"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.weight = jnp.ones((dim,), jnp.float32)
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        x32 = x.astype(jnp.float32)
+        scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * scale * self.weight).astype(x.dtype)
+
+
+def dense(
+    linear: eqx.nn.Linear, x: Float[Array, "*batch in"]
+) -> Float[Array, "*batch out"]:
+    """Apply a bias-free `eqx.nn.Linear` to every leading index of `x` at once."""
+    return x @ linear.weight.T
+
+
+def apply_rope(
+    x: Float[Array, "seq heads head_dim"],
+    positions: Int[Array, " seq"],
+    theta: float,
+) -> Float[Array, "seq heads head_dim"]:
+    """Rotary position embedding, "rotate half" convention (Llama/NeoX layout)."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    cos = jnp.cos(angles)[:, None, :]
+    sin = jnp.sin(angles)[:, None, :]
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def attention_mask(
+    query_segment_ids: Int[Array, " seq"],
+    key_segment_ids: Int[Array, " keys"],
+    query_index: Int[Array, " seq"],
+    key_index: Int[Array, " keys"],
+) -> Bool[Array, "seq keys"]:
+    """Causal block-diagonal mask: a query sees earlier-or-equal keys of its segment.
+
+    Padding (segment 0) sees only padding; the diagonal is always visible, so no row of
+    the softmax is empty.
+    """
+    causal = key_index[None, :] <= query_index[:, None]
+    same_segment = key_segment_ids[None, :] == query_segment_ids[:, None]
+    return causal & same_segment
+
+
+def grouped_attention(
+    queries: Float[Array, "seq heads head_dim"],
+    keys: Float[Array, "keys kv_heads head_dim"],
+    values: Float[Array, "keys kv_heads head_dim"],
+    mask: Bool[Array, "seq keys"],
+) -> Float[Array, "seq heads head_dim"]:
+    """Softmax attention where each key/value head serves `heads / kv_heads` query
+    heads. Logits and softmax in float32."""
+    seq_len, num_heads, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    q = queries.reshape(seq_len, num_kv_heads, group, head_dim)
+    logits = jnp.einsum(
+        "tkgd,skd->kgts", q, keys, preferred_element_type=jnp.float32
+    ) / math.sqrt(head_dim)
+    logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("kgts,skd->tkgd", weights, values)
+    return out.reshape(seq_len, num_heads, head_dim)
+
+
+class Attention(eqx.Module):
+    """Causal self-attention with grouped key/value heads and rotary embeddings."""
+
+    q_proj: eqx.nn.Linear
+    k_proj: eqx.nn.Linear
+    v_proj: eqx.nn.Linear
+    o_proj: eqx.nn.Linear
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    rope_theta: float = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        q_key, k_key, v_key, o_key = jax.random.split(key, 4)
+        head_dim = config.head_dim
+        kv_width = config.num_kv_heads * head_dim
+        self.q_proj = eqx.nn.Linear(config.dim, config.dim, use_bias=False, key=q_key)
+        self.k_proj = eqx.nn.Linear(config.dim, kv_width, use_bias=False, key=k_key)
+        self.v_proj = eqx.nn.Linear(config.dim, kv_width, use_bias=False, key=v_key)
+        self.o_proj = eqx.nn.Linear(config.dim, config.dim, use_bias=False, key=o_key)
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.rope_theta = config.rope_theta
+
+    def project(
+        self, x: Float[Array, "seq dim"], positions: Int[Array, " seq"]
+    ) -> tuple[
+        Float[Array, "seq heads head_dim"],
+        Float[Array, "seq kv_heads head_dim"],
+        Float[Array, "seq kv_heads head_dim"],
+    ]:
+        """Queries, keys and values of `x`, with rotary embeddings applied. A KV cache
+        stores the keys and values this returns."""
+        seq_len = x.shape[0]
+        q = dense(self.q_proj, x).reshape(seq_len, self.num_heads, -1)
+        k = dense(self.k_proj, x).reshape(seq_len, self.num_kv_heads, -1)
+        v = dense(self.v_proj, x).reshape(seq_len, self.num_kv_heads, -1)
+        q = apply_rope(q, positions, self.rope_theta)
+        k = apply_rope(k, positions, self.rope_theta)
+        return q, k, v
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"],
+    ) -> Float[Array, "seq dim"]:
+        q, k, v = self.project(x, positions)
+        index = jnp.arange(x.shape[0])
+        mask = attention_mask(segment_ids, segment_ids, index, index)
+        out = grouped_attention(q, k, v, mask)
+        return dense(self.o_proj, out.reshape(x.shape[0], -1))
+
+
+class SwiGLU(eqx.Module):
+    """`down(silu(gate(x)) * up(x))`, bias-free."""
+
+    gate_proj: eqx.nn.Linear
+    up_proj: eqx.nn.Linear
+    down_proj: eqx.nn.Linear
+
+    def __init__(self, dim: int, hidden_dim: int, *, key: PRNGKeyArray):
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        self.gate_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=gate_key)
+        self.up_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=up_key)
+        self.down_proj = eqx.nn.Linear(hidden_dim, dim, use_bias=False, key=down_key)
+
+    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
+        hidden = jax.nn.silu(dense(self.gate_proj, x)) * dense(self.up_proj, x)
+        return dense(self.down_proj, hidden)
+
+
+class TransformerBlock(eqx.Module):
+    """Pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+
+    Its call signature, `block(x, *, positions, segment_ids)` on one `[seq, dim]`
+    example, is the contract for any block plugged in as an MTP depth's layer.
+    """
+
+    attention_norm: RMSNorm
+    attention: Attention
+    mlp_norm: RMSNorm
+    mlp: SwiGLU
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        attention_key, mlp_key = jax.random.split(key)
+        self.attention_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.attention = Attention(config, key=attention_key)
+        self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.dim, config.mlp_dim, key=mlp_key)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        *,
+        positions: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"],
+    ) -> Float[Array, "seq dim"]:
+        x = x + self.attention(
+            self.attention_norm(x), positions=positions, segment_ids=segment_ids
+        )
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def remat(fn: Callable, policy: RematPolicy) -> Callable:
+    """Wrap a scan body in `jax.checkpoint` according to a remat policy name."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn)
+    if policy == "save_dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_saveable)
+    raise ValueError(f"unknown remat policy {policy!r}")
+
+
+def stack_modules(make: Callable[[PRNGKeyArray], eqx.Module], count: int, *, key):
+    """`count` independently initialised modules as one module whose array leaves carry
+    a leading axis of size `count`."""
+    return eqx.filter_vmap(make)(jax.random.split(key, count))
+
+
+def unstack_module(stacked: eqx.Module, index: int) -> eqx.Module:
+    """Slice `index` of every array leaf of a stacked module: one ordinary module."""
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf[index] if eqx.is_array(leaf) else leaf, stacked
+    )
+
+
+def scan_blocks(
+    blocks: eqx.Module,
+    x: Float[Array, "seq dim"],
+    *,
+    positions: Int[Array, " seq"],
+    segment_ids: Int[Array, " seq"],
+    remat_policy: RematPolicy = "none",
+) -> Float[Array, "seq dim"]:
+    """Run a stacked module of blocks over `x` with one `jax.lax.scan`."""
+    dynamic, static = eqx.partition(blocks, eqx.is_array)
+
+    def body(h, block_params):
+        block = eqx.combine(block_params, static)
+        return block(h, positions=positions, segment_ids=segment_ids), None
+
+    out, _ = jax.lax.scan(remat(body, remat_policy), x, dynamic)
+    return out
+
+
+class Transformer(eqx.Module):
+    """The trunk: embedding, a scanned stack of `num_layers` blocks, final norm and a
+    tied or untied unembedding.
+
+    Calling it returns the last block's output **before** the final norm (`h⁰`), which
+    is what the MTP depths consume; [`eqx_mtp.Transformer.logits`][] applies the head.
+    """
+
+    embedding: Float[Array, "vocab dim"]
+    blocks: TransformerBlock
+    final_norm: RMSNorm
+    unembedding: Float[Array, "vocab dim"] | None
+    remat_policy: RematPolicy = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        embed_key, blocks_key, unembed_key = jax.random.split(key, 3)
+        # Unit-RMS rows keep tied logits O(1) at initialisation.
+        std = config.dim**-0.5
+        self.embedding = std * jax.random.normal(
+            embed_key, (config.vocab_size, config.dim), jnp.float32
+        )
+        self.blocks = stack_modules(
+            lambda k: TransformerBlock(config, key=k), config.num_layers, key=blocks_key
+        )
+        self.final_norm = RMSNorm(config.dim, eps=config.norm_eps)
+        if config.tie_embeddings:
+            self.unembedding = None
+        else:
+            self.unembedding = std * jax.random.normal(
+                unembed_key, (config.vocab_size, config.dim), jnp.float32
+            )
+        self.remat_policy = config.remat
+
+    @property
+    def unembedding_matrix(self) -> Float[Array, "vocab dim"]:
+        """The `[vocab, dim]` matrix of the output head (the embedding when tied)."""
+        return self.embedding if self.unembedding is None else self.unembedding
+
+    def __call__(
+        self,
+        tokens: Int[Array, " seq"],
+        *,
+        positions: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"],
+    ) -> Float[Array, "seq dim"]:
+        x = self.embedding[tokens]
+        return scan_blocks(
+            self.blocks,
+            x,
+            positions=positions,
+            segment_ids=segment_ids,
+            remat_policy=self.remat_policy,
+        )
+
+    def logits(
+        self, hidden: Float[Array, "*batch dim"]
+    ) -> Float[Array, "*batch vocab"]:
+        """`Unembed(FinalNorm(hidden))`, in float32."""
+        normed = self.final_norm(hidden)
+        return jnp.matmul(
+            normed, self.unembedding_matrix.T, preferred_element_type=jnp.float32
+        )

@@ -1,0 +1,22 @@
+import os
+
+# Before JAX is imported anywhere: 8 simulated CPU devices for the multi-device tests.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_enable_checks", False)
+
+# Every new shape recompiles: few, quick examples, no deadline.
+settings.register_profile("eqx_mtp", max_examples=15, deadline=None)
+settings.load_profile("eqx_mtp")
+
+
+@pytest.fixture
+def getkey():
+    """A fresh PRNG key on every call."""
+    keys = iter(jax.random.split(jax.random.key(0), 10_000))
+    return lambda: next(keys)

@@ -1,0 +1,215 @@
+"""The training job: exact resume, gradient accumulation, checkpoints, CLI errors."""
+
+import json
+import pathlib
+import shutil
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tree_allclose
+
+import eqx_mtp
+from eqx_mtp._checkpoint import Checkpointer
+from eqx_mtp._cli import main
+from eqx_mtp._train import TrainConfig, UserError, train
+from eqx_mtp._train_step import accumulated_loss_and_grad
+
+TINY = dict(
+    steps=6,
+    batch_size=4,
+    seq_len=16,
+    dim=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_dim=24,
+    num_depths=2,
+    warmup_steps=2,
+    eval_every=0,
+    eval_batches=1,
+    save_every=3,
+    log_every=1,
+    eval_fraction=0.2,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "lambda", "x", "y", "(", ")"]
+    for i in range(30):
+        text = " ".join(rng.choice(words, size=rng.integers(5, 40)))
+        (root / f"doc{i:02d}.py").write_text(text + "\n")
+    return str(root)
+
+
+def _config(corpus, run, **overrides):
+    return TrainConfig(**dict(TINY, data=corpus, run=str(run), **overrides))
+
+
+def _train_losses(run):
+    lines = (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: r["depth_losses"] for r in records if "eval" not in r}
+
+
+def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path):
+    straight = tmp_path / "straight"
+    resumed = tmp_path / "resumed"
+    train(_config(corpus, straight), progress=False)
+    train(_config(corpus, resumed), stop_after=3, progress=False)
+    train(_config(corpus, resumed, resume=True), progress=False)
+
+    straight_losses, resumed_losses = _train_losses(straight), _train_losses(resumed)
+    assert sorted(straight_losses) == list(range(1, 7))
+    for step in range(1, 7):
+        assert straight_losses[step] == resumed_losses[step], step
+    model_a, _ = eqx_mtp.load_checkpoint(straight)
+    model_b, _ = eqx_mtp.load_checkpoint(resumed)
+    assert tree_allclose(model_a, model_b, rtol=0, atol=0)
+
+
+def test_job_writes_checkpoints_metrics_plot_and_loads_back(corpus, tmp_path):
+    run = tmp_path / "run"
+    summary = train(_config(corpus, run, eval_every=3), progress=False)
+    assert (run / "losses.png").stat().st_size > 0
+    assert (run / "config.json").is_file()
+    evals = [
+        json.loads(line)
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+        if "eval" in line
+    ]
+    assert [e["step"] for e in evals] == [3, 6]
+    final = summary["eval"]
+    assert len(final["depth_losses"]) == 3
+    assert all(loss > 0 for loss in final["depth_losses"])  # never silently 0
+    model, stored = eqx_mtp.load_checkpoint(run)
+    assert stored["model"]["num_depths"] == 2
+    assert model.config == _config(corpus, run).model_config()
+
+
+def test_gradient_accumulation_equals_one_batch(getkey):
+    config = eqx_mtp.ModelConfig(
+        vocab_size=19,
+        dim=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        mlp_dim=24,
+        max_seq_len=16,
+        num_depths=2,
+    )
+    model = eqx_mtp.MTPModel(config, key=getkey())
+    tokens = jax.random.randint(getkey(), (8, 12), 0, 19)
+    # Unequal valid-token counts per micro-batch: padding, several documents.
+    segment_ids = np.ones((8, 12), np.int32)
+    segment_ids[0, 4:] = 2
+    segment_ids[1, 9:] = 0
+    segment_ids[2, :] = 0
+    segment_ids[3, 2:] = 0
+    segment_ids[5, 1::3] = 3
+    loss_mask = np.ones((8, 12), bool)
+    loss_mask[6, :7] = False
+    segment_ids, loss_mask = jnp.asarray(segment_ids), jnp.asarray(loss_mask)
+
+    def full_loss(m):
+        return eqx_mtp.mtp_loss(
+            m, tokens, segment_ids=segment_ids, loss_mask=loss_mask, mtp_weight=0.3
+        )[0]
+
+    expected_loss, expected_grads = eqx.filter_value_and_grad(full_loss)(model)
+    batch = dict(
+        tokens=tokens.reshape(4, 2, 12),
+        segment_ids=segment_ids.reshape(4, 2, 12),
+        loss_mask=loss_mask.reshape(4, 2, 12),
+    )
+    loss, _, grads = accumulated_loss_and_grad(model, batch, mtp_weight=0.3)
+    assert jnp.allclose(loss, expected_loss, rtol=1e-6)
+    assert tree_allclose(grads, expected_grads, rtol=1e-5, atol=1e-7)
+
+
+def test_damaged_latest_checkpoint_falls_back(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(_config(corpus, run, steps=4, save_every=2), progress=False)
+    directory = run / "checkpoints"
+    assert Checkpointer(directory).steps() == [2, 4]
+    for path in (directory / "4" / "model").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    model_config = _config(corpus, run).model_config()
+    with pytest.warns(UserWarning, match="step 4"):
+        restored = Checkpointer(directory).restore(model_config=model_config)
+    assert restored.step == 2
+
+
+def test_checkpoint_from_another_config_is_refused(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(_config(corpus, run, steps=2, save_every=0), progress=False)
+    with pytest.raises(UserError, match=r"dim \(saved 16, now 32\)"):
+        train(_config(corpus, run, steps=4, dim=32, resume=True), progress=False)
+
+
+def test_existing_checkpoints_are_never_overwritten(corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_config(corpus, run, steps=2, save_every=0), progress=False)
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    code = main(["train", "--data", corpus, "--run", str(run), "--steps", "2"])
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def _cli_error(capsys, args):
+    code = main(["train", "--no-progress", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("eqx-mtp train: error:"), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_cli_bad_inputs(corpus, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert str(missing) in _cli_error(capsys, ["--data", str(missing)])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "empty" in _cli_error(
+        capsys, ["--data", str(empty), "--run", str(tmp_path / "r1")]
+    )
+    message = _cli_error(
+        capsys, ["--data", corpus, "--seq-len", "16", "--max-seq-len", "8"]
+    )
+    assert "--seq-len" in message and "--max-seq-len" in message
+    assert "--num-depths" in _cli_error(
+        capsys, ["--data", corpus, "--seq-len", "4", "--num-depths", "4"]
+    )
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert "--run" in _cli_error(
+        capsys, ["--data", corpus, "--run", str(blocker / "run")]
+    )
+    assert "--resume" in _cli_error(
+        capsys, ["--data", corpus, "--run", str(tmp_path / "fresh"), "--resume"]
+    )
+    bad_config = tmp_path / "c.json"
+    bad_config.write_text('{"no_such_field": 1}')
+    assert "no_such_field" in _cli_error(capsys, ["--config", str(bad_config)])
+    assert "mtp" in _cli_error(capsys, ["--data", corpus, "--mtp-weight", "0.3@x"])
+
+
+def test_config_file_and_flags(corpus, tmp_path):
+    config_file = tmp_path / "c.toml"
+    config_file.write_text("dim = 32\nnum_depths = 1\n")
+    run = tmp_path / "run"
+    args = ["train", "--no-progress", "--config", str(config_file), "--data", corpus]
+    args += ["--run", str(run), "--num-depths", "2", "--steps", "1", "--seq-len", "16"]
+    args += ["--batch-size", "2", "--num-layers", "1", "--eval-batches", "1"]
+    assert main(args) == 0
+    stored = json.loads((run / "config.json").read_text())
+    assert stored["model"]["dim"] == 32  # from the file
+    assert stored["model"]["num_depths"] == 2  # the flag wins
+    shutil.rmtree(run)
