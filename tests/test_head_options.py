@@ -261,3 +261,63 @@ def test_invalid_loss_options_name_the_field(field, value):
     # (a TypeError where the jaxtyping hook checks the annotation first)
     with pytest.raises((ValueError, TypeError), match=field):
         eqx_mtp.ModelConfig(**_TINY, **{field: value})
+
+
+def _perturb_depth(depths: eqx_mtp.MTPDepths, index: int) -> eqx_mtp.MTPDepths:
+    """`depths` with every array of depth `index + 1` changed, the others untouched."""
+
+    def change(leaf):
+        return leaf.at[index].add(0.5) if eqx.is_array(leaf) else leaf
+
+    return eqx.tree_at(lambda d: d.depths, depths, jax.tree.map(change, depths.depths))
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_parallel_heads_read_the_trunk_output_and_nothing_else(kind, getkey):
+    dim, vocab, num_depths = 8, 19, 3
+    depths = eqx_mtp.MTPDepths(
+        num_depths,
+        dim,
+        make_layer=lambda k: eqx_mtp.MLPBlock(dim, 16, key=k),
+        kind=kind,
+        key=getkey(),
+    )
+    hidden = jax.random.normal(getkey(), (2, 10, dim))
+    tokens = jax.random.randint(getkey(), (2, 10), 0, vocab)
+    embedding = jax.random.normal(getkey(), (vocab, dim))
+    norm = eqx_mtp.RMSNorm(dim)
+
+    def outputs(depths, embedding):
+        """Every depth's normed hidden state, `[num_depths, batch, seq, dim]`."""
+        return eqx_mtp.scan_depths(
+            depths,
+            hidden,
+            tokens,
+            embedding=embedding,
+            final_norm=norm,
+            readout=lambda k, normed: normed,
+        )
+
+    base = outputs(depths, embedding)
+    other_embedding = outputs(depths, embedding + 1.0)
+    first_depth_changed = outputs(_perturb_depth(depths, 0), embedding)
+    if kind == "sequential":
+        # The check can fail: a sequential depth reads the embeddings and depth 1.
+        assert not np.allclose(base, other_embedding)
+        assert not np.allclose(base[1:], first_depth_changed[1:])
+        return
+
+    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    segment_ids = jnp.ones((2, 10), jnp.int32)
+    for index in range(num_depths):
+        layer = depths.depth(index).layer
+        expected = norm(
+            jax.vmap(lambda h, p, s: layer(h, positions=p, segment_ids=s))(
+                hidden, positions, segment_ids
+            )
+        )
+        np.testing.assert_allclose(base[index], expected, rtol=1e-5, atol=1e-6)
+    # Nothing but h⁰ and the depth's own weights: not the embeddings, not depth 1.
+    np.testing.assert_array_equal(base, other_embedding)
+    np.testing.assert_array_equal(base[1:], first_depth_changed[1:])
+    assert not np.allclose(base[0], first_depth_changed[0])
