@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -46,6 +47,51 @@ def environment() -> dict:
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
         load_average=load,
+    )
+
+
+def model_parser(
+    description: str, *, batch: int, seq: int, dim: int, mlp_dim: int, layers: int
+) -> argparse.ArgumentParser:
+    """An argument parser with `--quick` and the model-size flags every benchmark
+    takes, with these defaults."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--dim", type=int, default=dim)
+    parser.add_argument("--mlp-dim", type=int, default=mlp_dim)
+    parser.add_argument("--layers", type=int, default=layers)
+    return parser
+
+
+def model_config(
+    args, *, vocab: int, num_depths: int, **options
+) -> eqx_mtp.ModelConfig:
+    """The benchmarked model: the sizes from `args` (see `model_parser`), 4 query and
+    2 key/value heads, rows of exactly `args.seq` tokens."""
+    return eqx_mtp.ModelConfig(
+        vocab_size=vocab,
+        dim=args.dim,
+        num_layers=args.layers,
+        num_heads=4,
+        num_kv_heads=2,
+        mlp_dim=args.mlp_dim,
+        max_seq_len=args.seq,
+        num_depths=num_depths,
+        **options,
+    )
+
+
+def model_settings(args, **extra) -> dict:
+    """The sizes from `args` for a results file, with `extra` settings."""
+    return dict(
+        batch=args.batch,
+        seq=args.seq,
+        dim=args.dim,
+        mlp_dim=args.mlp_dim,
+        layers=args.layers,
+        **extra,
     )
 
 

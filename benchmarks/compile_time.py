@@ -8,7 +8,6 @@ The trunk (its layers scanned as well) is part of every program.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import _common
@@ -74,16 +73,7 @@ def _loss(variant, static):
 
 
 def _config(args, num_depths):
-    return eqx_mtp.ModelConfig(
-        vocab_size=args.vocab,
-        dim=args.dim,
-        num_layers=args.layers,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=args.mlp_dim,
-        max_seq_len=args.seq,
-        num_depths=num_depths,
-    )
+    return _common.model_config(args, vocab=args.vocab, num_depths=num_depths)
 
 
 def compile_seconds(variant, config, args) -> tuple[float, float, int]:
@@ -117,14 +107,10 @@ def check_same_loss(args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser = _common.model_parser(
+        __doc__.split("\n")[0], batch=2, seq=64, dim=64, mlp_dim=128, layers=2
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--mlp-dim", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab", type=int, default=256)
     args = parser.parse_args()
     depths = [1, 2, 4, 8, 16]
@@ -189,15 +175,8 @@ def main():
         benchmark="compile_time",
         quick=args.quick,
         environment=_common.environment(),
-        settings=dict(
-            batch=args.batch,
-            seq=args.seq,
-            dim=args.dim,
-            mlp_dim=args.mlp_dim,
-            layers=args.layers,
-            vocab=args.vocab,
-            repeats=args.repeats,
-            mtp_block="transformer",
+        settings=_common.model_settings(
+            args, vocab=args.vocab, repeats=args.repeats, mtp_block="transformer"
         ),
         records=records,
         medians={

@@ -18,7 +18,6 @@ matmuls per forward matmul, and the fused loss does exactly three):
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import _common
@@ -66,14 +65,10 @@ def make_step(config: eqx_mtp.ModelConfig, mtp_weight: float):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser = _common.model_parser(
+        __doc__.split("\n")[0], batch=4, seq=512, dim=256, mlp_dim=704, layers=4
+    )
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--mlp-dim", type=int, default=704)
-    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8192)
     args = parser.parse_args()
     depths = [0, 1, 2, 4]
@@ -83,17 +78,7 @@ def main():
         depths = [0, 1, 2]
 
     configs = {
-        d: eqx_mtp.ModelConfig(
-            vocab_size=args.vocab,
-            dim=args.dim,
-            num_layers=args.layers,
-            num_heads=4,
-            num_kv_heads=2,
-            mlp_dim=args.mlp_dim,
-            max_seq_len=args.seq,
-            num_depths=d,
-        )
-        for d in depths
+        d: _common.model_config(args, vocab=args.vocab, num_depths=d) for d in depths
     }
     tokens = jax.random.randint(
         jax.random.key(1), (args.batch, args.seq), 0, args.vocab
@@ -157,12 +142,8 @@ def main():
         benchmark="mtp_overhead",
         quick=args.quick,
         environment=_common.environment(),
-        settings=dict(
-            batch=args.batch,
-            seq=args.seq,
-            dim=args.dim,
-            mlp_dim=args.mlp_dim,
-            layers=args.layers,
+        settings=_common.model_settings(
+            args,
             vocab=args.vocab,
             repeats=args.repeats,
             mtp_block="transformer",
