@@ -1,4 +1,4 @@
-"""Compiled temporary memory of loss + gradient: full logits against the fused loss.
+"""Compiled temporary memory of loss + gradient: full logits against the lean losses.
 
 `python benchmarks/loss_memory.py [--quick]`. Nothing runs: XLA's memory analysis of
 the compiled program (`temp_size_in_bytes`) is read for every (vocab, D, variant).
@@ -11,14 +11,13 @@ Two programs are measured:
     (`eqx_mtp.mtp_depth_losses`), gradient w.r.t. their parameters and `h⁰`: the part
     of the step the loss implementation changes.
 
-Variants: `loss_impl` `"naive"` (full `[tokens, vocab]` logits) or `"fused"`, with the
-trunk and depth scans un-rematerialised (`remat="none"`) or rematerialised
-(`remat="full"`).
+Variants: `loss_impl` `"naive"` (full `[tokens, vocab]` logits) against `--impl`
+(`"fused"`, the default, or `"chunked"`), with the trunk and depth scans
+un-rematerialised (`remat="none"`) or rematerialised (`remat="full"`).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
@@ -34,18 +33,14 @@ MiB = 2**20
 
 
 def _config(args, vocab, num_depths, impl, remat):
-    return eqx_mtp.ModelConfig(
-        vocab_size=vocab,
-        dim=args.dim,
-        num_layers=args.layers,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=args.mlp_dim,
-        max_seq_len=args.seq,
+    return _common.model_config(
+        args,
+        vocab=vocab,
         num_depths=num_depths,
         loss_impl=impl,
         loss_chunk_size=args.chunk,
         remat=remat,
+        mtp_block=args.block,
     )
 
 
@@ -110,14 +105,22 @@ def temp_bytes(part, config, args) -> tuple[int, float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--mlp-dim", type=int, default=704)
-    parser.add_argument("--layers", type=int, default=2)
+    parser = _common.model_parser(
+        __doc__.split("\n")[0], batch=8, seq=1024, dim=256, mlp_dim=704, layers=2
+    )
     parser.add_argument("--chunk", type=int, default=256, help="loss_chunk_size")
+    parser.add_argument(
+        "--impl",
+        default="fused",
+        choices=("fused", "chunked"),
+        help="the loss_impl measured against 'naive'",
+    )
+    parser.add_argument(
+        "--block",
+        default="transformer",
+        choices=("transformer", "mlp", "linear"),
+        help="mtp_block of the depths; 'linear' leaves little but the loss to measure",
+    )
     parser.add_argument("--vocabs", default="256,32768,131072")
     parser.add_argument("--depths", default="0,1,2,4,8")
     parser.add_argument(
@@ -133,11 +136,12 @@ def main():
         args.batch, args.seq, args.dim, args.mlp_dim, args.layers = 2, 128, 64, 128, 1
         vocabs, depths = [4096], [0, 2]
     parts = ["model", "heads"]
+    lean = args.impl
     variants = [
         ("naive", "none"),
-        ("fused", "none"),
+        (lean, "none"),
         ("naive", "full"),
-        ("fused", "full"),
+        (lean, "full"),
     ]
 
     records = []
@@ -173,9 +177,7 @@ def main():
 
     # What one more depth may cost: its parameters and the carried hidden state.
     largest = max(d for d in depths if d > 0)
-    params, _ = _common.abstract_model(
-        _config(args, vocabs[0], largest, "fused", "none")
-    )
+    params, _ = _common.abstract_model(_config(args, vocabs[0], largest, lean, "none"))
     depth_param_bytes = _common.array_bytes(params.depths) // largest
     hidden_bytes = args.batch * args.seq * args.dim * 4
     allowance = depth_param_bytes + hidden_bytes
@@ -186,13 +188,13 @@ def main():
     summary = []
     for part in parts:
         for remat in ("none", "full"):
-            ratio = temp(part, target_vocab, target_depth, "fused", remat) / temp(
+            ratio = temp(part, target_vocab, target_depth, lean, remat) / temp(
                 part, target_vocab, target_depth, "naive", remat
             )
             growth = {
                 vocab: (
-                    temp(part, vocab, largest, "fused", remat)
-                    - temp(part, vocab, previous, "fused", remat)
+                    temp(part, vocab, largest, lean, remat)
+                    - temp(part, vocab, previous, lean, remat)
                 )
                 / (largest - previous)
                 for vocab in vocabs
@@ -201,7 +203,8 @@ def main():
                 dict(
                     part=part,
                     remat=remat,
-                    fused_over_naive=ratio,
+                    impl=lean,
+                    impl_over_naive=ratio,
                     growth_per_depth_bytes=growth,
                 )
             )
@@ -210,15 +213,11 @@ def main():
         benchmark="loss_memory",
         quick=args.quick,
         environment=_common.environment(),
-        settings=dict(
-            batch=args.batch,
-            seq=args.seq,
+        settings=_common.model_settings(
+            args,
             tokens=args.batch * args.seq,
-            dim=args.dim,
-            mlp_dim=args.mlp_dim,
-            layers=args.layers,
             loss_chunk_size=args.chunk,
-            mtp_block="transformer",
+            mtp_block=args.block,
         ),
         depth_param_bytes=depth_param_bytes,
         carried_hidden_bytes=hidden_bytes,
@@ -236,8 +235,8 @@ def main():
         f"jax {jax.__version__}). Compiled `temp_size_in_bytes` of loss + gradient "
         f"(XLA's memory analysis; nothing runs) at {args.batch} × {args.seq} = "
         f"{args.batch * args.seq} tokens, dim {args.dim}, {args.layers} trunk layers, "
-        f"mlp {args.mlp_dim}, transformer depth blocks, `loss_chunk_size` "
-        f"{args.chunk}. Each cell is fused / naive MiB (fused as a share of naive).",
+        f"mlp {args.mlp_dim}, {args.block} depth blocks, `loss_chunk_size` "
+        f"{args.chunk}. Each cell is {lean} / naive MiB ({lean} as a share of naive).",
         "",
         "- `model`: `eqx_mtp.mtp_loss` of the whole model, gradient w.r.t. every "
         "parameter.",
@@ -245,7 +244,7 @@ def main():
         "(`mtp_depth_losses`), gradient w.r.t. their parameters and `h⁰`.",
         "- `remat`: the `ModelConfig.remat` of both scans, for both variants.",
         "",
-        "At D=0 the `heads` program is the cross-entropy alone, so its fused/naive "
+        f"At D=0 the `heads` program is the cross-entropy alone, so its {lean}/naive "
         "share is the loss's own. Every other cell also holds the trunk's and the "
         "depth blocks' activations, which do not depend on the loss implementation "
         "(a small vocabulary's row shows their size).",
@@ -259,11 +258,11 @@ def main():
             for vocab in vocabs:
                 row = [vocab]
                 for num_depths in depths:
-                    fused = temp(part, vocab, num_depths, "fused", remat)
+                    ours = temp(part, vocab, num_depths, lean, remat)
                     naive = temp(part, vocab, num_depths, "naive", remat)
                     row.append(
-                        f"{fused / MiB:.0f} / {naive / MiB:.0f} "
-                        f"({100 * fused / naive:.1f}%)"
+                        f"{ours / MiB:.0f} / {naive / MiB:.0f} "
+                        f"({100 * ours / naive:.1f}%)"
                     )
                 rows.append(row)
             lines.append(
@@ -271,8 +270,9 @@ def main():
             )
             lines.append("")
     lines += [
-        f"**Targets.** Fused ≤ 5% of naive at vocab {target_vocab}, D={target_depth}; "
-        f"fused memory grows per depth by no more than one depth's parameters "
+        f"**Targets.** {lean} ≤ 5% of naive at vocab {target_vocab}, "
+        f"D={target_depth}; {lean} memory grows per depth by no more than one "
+        "depth's parameters "
         f"({depth_param_bytes / MiB:.1f} MiB) plus the carried hidden state "
         f"({hidden_bytes / MiB:.1f} MiB) = {allowance / MiB:.1f} MiB. Growth is "
         f"measured between D={previous} and D={largest}.",
@@ -288,7 +288,7 @@ def main():
             [
                 item["part"],
                 repr(item["remat"]),
-                f"{100 * item['fused_over_naive']:.1f}%",
+                f"{100 * item['impl_over_naive']:.1f}%",
                 growth,
             ]
         )
@@ -297,8 +297,8 @@ def main():
             [
                 "part",
                 "remat",
-                f"fused/naive (V={target_vocab}, D={target_depth})",
-                "fused growth per depth, MiB (by vocab)",
+                f"{lean}/naive (V={target_vocab}, D={target_depth})",
+                f"{lean} growth per depth, MiB (by vocab)",
             ],
             rows,
         )
