@@ -15,33 +15,31 @@ from ._cross_entropy import head_loss_sum
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._roll import roll_and_mask
 from ._targets import depth_targets, segment_positions
-from ._transformer import RMSNorm, dense, remat, stack_modules, unstack_module
+from ._transformer import (
+    RMSNorm,
+    SwiGLU,
+    dense,
+    remat,
+    stack_modules,
+    unstack_module,
+)
 
 LayerFactory = Callable[[PRNGKeyArray], eqx.Module]
 
 
 class MLPBlock(eqx.Module):
-    """A residual SwiGLU block with the trunk block's call signature (positions and
-    segment ids are accepted and unused)."""
+    """`x + SwiGLU(norm(x))`: the trunk block without attention, with its call
+    signature (positions and segment ids are accepted and unused)."""
 
     norm: RMSNorm
-    gate_proj: eqx.nn.Linear
-    up_proj: eqx.nn.Linear
-    down_proj: eqx.nn.Linear
+    mlp: SwiGLU
 
     def __init__(self, dim: int, hidden_dim: int, *, eps: float = 1e-6, key):
-        gate_key, up_key, down_key = jax.random.split(key, 3)
         self.norm = RMSNorm(dim, eps=eps)
-        self.gate_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=gate_key)
-        self.up_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=up_key)
-        self.down_proj = eqx.nn.Linear(hidden_dim, dim, use_bias=False, key=down_key)
+        self.mlp = SwiGLU(dim, hidden_dim, key=key)
 
     def __call__(self, x, *, positions=None, segment_ids=None):
-        normed = self.norm(x)
-        hidden = jax.nn.silu(dense(self.gate_proj, normed)) * dense(
-            self.up_proj, normed
-        )
-        return x + dense(self.down_proj, hidden)
+        return x + self.mlp(self.norm(x))
 
 
 class LinearBlock(eqx.Module):
