@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_config
 from hypothesis import given
 
 import eqx_mtp
@@ -292,17 +293,7 @@ def test_zero_tokens_and_bad_chunk_sizes():
 
 
 def test_model_loss_is_the_same_with_the_fused_loss(getkey):
-    values = dict(
-        vocab_size=23,
-        dim=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        mlp_dim=24,
-        max_seq_len=16,
-        num_depths=2,
-        mtp_block="linear",
-    )
+    values = dict(vocab_size=23, mtp_block="linear")
     key = getkey()
     tokens = jax.random.randint(getkey(), (2, 9), 0, 23)
     loss_mask = jax.random.bernoulli(getkey(), 0.8, tokens.shape)
@@ -316,7 +307,7 @@ def test_model_loss_is_the_same_with_the_fused_loss(getkey):
         return eqx.filter_value_and_grad(total, has_aux=True)(model)
 
     def model(**config):
-        return eqx_mtp.MTPModel(eqx_mtp.ModelConfig(**values, **config), key=key)
+        return eqx_mtp.MTPModel(tiny_config(**values, **config), key=key)
 
     (_, (ref_sums, ref_counts)), ref_grads = sums_and_grads(model(loss_impl="naive"))
     # "chunked" shares this threading; head_loss_sum's tests cover it.

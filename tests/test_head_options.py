@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_config
 from hypothesis import given
 
 import eqx_mtp
@@ -188,18 +189,6 @@ def test_parse_mtp_weight_rejects_bad_strings(spec):
         eqx_mtp.parse_mtp_weight(spec)
 
 
-_TINY = dict(
-    vocab_size=19,
-    dim=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    mlp_dim=24,
-    max_seq_len=16,
-    num_depths=2,
-)
-
-
 def _is_trunk_path(path) -> bool:
     return getattr(path[0], "name", None) == "trunk"
 
@@ -220,8 +209,7 @@ def test_train_depths_only_freezes_the_trunk(getkey):
         return eqx.filter_value_and_grad(loss, has_aux=True)(model)
 
     def model(train_depths_only):
-        config = eqx_mtp.ModelConfig(
-            **_TINY,
+        config = tiny_config(
             tie_embeddings=False,  # the embedding and unembedding both stop
             mtp_block="mlp",
             train_depths_only=train_depths_only,
@@ -260,7 +248,7 @@ def test_train_depths_only_freezes_the_trunk(getkey):
 def test_invalid_loss_options_name_the_field(field, value):
     # (a TypeError where the jaxtyping hook checks the annotation first)
     with pytest.raises((ValueError, TypeError), match=field):
-        eqx_mtp.ModelConfig(**_TINY, **{field: value})
+        tiny_config(**{field: value})
 
 
 def _perturb_depth(depths: eqx_mtp.MTPDepths, index: int) -> eqx_mtp.MTPDepths:

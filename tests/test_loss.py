@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import tiny_config, tree_allclose
 from reference import jit_once, loop_mtp_loss_sums, loop_trunk_hidden, random_model
 
 import eqx_mtp
@@ -40,13 +40,10 @@ def _loss_mask(seed=0):
 
 @functools.cache
 def _model(num_depths):
-    config = eqx_mtp.ModelConfig(
+    config = tiny_config(
         vocab_size=VOCAB,
-        dim=16,
-        num_layers=1,
         num_heads=4,
         num_kv_heads=2,
-        mlp_dim=24,
         max_seq_len=MAX_SEQ_LEN,
         num_depths=num_depths,
     )

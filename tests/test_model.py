@@ -2,23 +2,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import tiny_config
 
 import eqx_mtp
 
 
 def _config(**overrides):
-    values = dict(
-        vocab_size=19,
-        dim=16,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=24,
-        max_seq_len=32,
-        num_depths=2,
-    )
-    values.update(overrides)
-    return eqx_mtp.ModelConfig(**values)
+    values = dict(num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=32)
+    return tiny_config(**{**values, **overrides})
 
 
 def test_model_arrays_are_plain_leaves(getkey):

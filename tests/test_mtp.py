@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import tiny_config, tree_allclose
 from reference import (
     jit_once,
     loop_depth_loss_sums,
@@ -40,18 +40,9 @@ def _batch(seed=0):
 
 
 def _config(**overrides):
-    values = dict(
-        vocab_size=VOCAB,
-        dim=16,
-        num_layers=1,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=24,
-        max_seq_len=16,
-        num_depths=2,
+    return tiny_config(
+        **{"vocab_size": VOCAB, "num_heads": 4, "num_kv_heads": 2, **overrides}
     )
-    values.update(overrides)
-    return eqx_mtp.ModelConfig(**values)
 
 
 def _weights(n):

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import tiny_config, tree_allclose
 
 import eqx_mtp
 from eqx_mtp._checkpoint import Checkpointer
@@ -93,16 +93,7 @@ def test_job_writes_checkpoints_metrics_plot_and_loads_back(corpus, tmp_path):
 
 
 def test_gradient_accumulation_equals_one_batch(getkey):
-    config = eqx_mtp.ModelConfig(
-        vocab_size=19,
-        dim=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        mlp_dim=24,
-        max_seq_len=16,
-        num_depths=2,
-    )
+    config = tiny_config()
     model = eqx_mtp.MTPModel(config, key=getkey())
     tokens = jax.random.randint(getkey(), (8, 12), 0, 19)
     # Unequal valid-token counts per micro-batch: padding, several documents.
