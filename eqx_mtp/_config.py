@@ -42,8 +42,11 @@ class ModelConfig:
     - `shared_depth_layer`: one `layer` reused by every depth.
     - `depth_final_norm`: each depth has its own final norm before the shared
         unembedding (DeepSeek-V3's `shared_head.norm`).
-    - `remat`: rematerialisation policy of the trunk and depth scans: `"none"`,
-        `"full"` or `"save_dots"`.
+    - `remat`: rematerialisation policy of the trunk and depth scans: `"none"`
+        (keep activations), `"full"` (recompute each block and each depth, its loss
+        included, in the backward pass) or `"save_dots"` (keep matmul outputs of the
+        blocks and depths, recompute the rest; the depths' losses are left out of it,
+        so their logits are never kept).
     - `loss_chunk_size`: tokens per chunk of logits in the cross-entropy of the main
         objective and of every depth.
     - `loss_impl`: the cross-entropy implementation, see [`eqx_mtp.head_loss_sum`][]:

@@ -233,7 +233,8 @@ def scan_depths(
     shared_layer = depths.shared_layer
     sequential = depths.kind == "sequential"
 
-    def body(previous, xs):
+    def advance(previous, xs):
+        """`h^k` and its final-normed copy."""
         depth_params, k = xs
         depth = eqx.combine(depth_params, static)
         source = previous if sequential else hidden
@@ -248,12 +249,28 @@ def scan_depths(
 
         h_k = jax.vmap(one_row)(source, next_embeddings, positions, segment_ids)
         norm = final_norm if depth.norm is None else depth.norm
-        return h_k, readout(k, norm(h_k))
+        return h_k, norm(h_k)
+
+    if depths.remat_policy == "save_dots":
+        # Only the depth is rematerialised: under a policy that saves matmul outputs
+        # the readout (a chunked loss) would keep every chunk of its logits, one
+        # [tokens, vocab] array per depth. Outside it, it keeps its own residuals.
+        advance_saving_dots = remat(advance, "save_dots")
+
+        def body(previous, xs):
+            h_k, normed = advance_saving_dots(previous, xs)
+            return h_k, readout(xs[1], normed)
+
+    else:
+
+        def body(previous, xs):
+            h_k, normed = advance(previous, xs)
+            return h_k, readout(xs[1], normed)
+
+        body = remat(body, depths.remat_policy)
 
     depth_numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
-    _, outputs = jax.lax.scan(
-        remat(body, depths.remat_policy), hidden, (dynamic, depth_numbers)
-    )
+    _, outputs = jax.lax.scan(body, hidden, (dynamic, depth_numbers))
     return outputs
 
 
