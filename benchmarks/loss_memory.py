@@ -13,7 +13,8 @@ Two programs are measured:
 
 Variants: `loss_impl` `"naive"` (full `[tokens, vocab]` logits) against `--impl`
 (`"fused"`, the default, or `"chunked"`), with the trunk and depth scans
-un-rematerialised (`remat="none"`) or rematerialised (`remat="full"`).
+un-rematerialised (`remat="none"`) or rematerialised (`remat="full"`; `--remats`
+picks the policies, `save_dots` among them).
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def main():
         help="the loss_impl measured against 'naive'",
     )
     parser.add_argument(
+        "--remats",
+        default="none,full",
+        help="comma-separated ModelConfig.remat policies, each applied to both sides",
+    )
+    parser.add_argument(
         "--block",
         default="transformer",
         choices=("transformer", "mlp", "linear"),
@@ -137,12 +143,8 @@ def main():
         vocabs, depths = [4096], [0, 2]
     parts = ["model", "heads"]
     lean = args.impl
-    variants = [
-        ("naive", "none"),
-        (lean, "none"),
-        ("naive", "full"),
-        (lean, "full"),
-    ]
+    remats = args.remats.split(",")
+    variants = [(impl, remat) for remat in remats for impl in ("naive", lean)]
 
     records = []
     for part in parts:
@@ -187,7 +189,7 @@ def main():
 
     summary = []
     for part in parts:
-        for remat in ("none", "full"):
+        for remat in remats:
             ratio = temp(part, target_vocab, target_depth, lean, remat) / temp(
                 part, target_vocab, target_depth, "naive", remat
             )
@@ -251,7 +253,7 @@ def main():
         "",
     ]
     for part in parts:
-        for remat in ("none", "full"):
+        for remat in remats:
             lines.append(f"**{part}, remat={remat!r}**")
             lines.append("")
             rows = []
