@@ -8,11 +8,12 @@ from typing import Literal
 MTPKind = Literal["sequential", "parallel"]
 MTPBlock = Literal["transformer", "mlp", "linear"]
 RematPolicy = Literal["none", "full", "save_dots"]
+LossImpl = Literal["fused", "chunked", "naive"]
 
 _MTP_KINDS = ("sequential", "parallel")
 _MTP_BLOCKS = ("transformer", "mlp", "linear")
 _REMAT_POLICIES = ("none", "full", "save_dots")
-_LOSS_IMPLS = ("fused", "chunked", "naive")
+LOSS_IMPLS = ("fused", "chunked", "naive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +127,7 @@ class ModelConfig:
         _check_choice("mtp_kind", self.mtp_kind, _MTP_KINDS)
         _check_choice("mtp_block", self.mtp_block, _MTP_BLOCKS)
         _check_choice("remat", self.remat, _REMAT_POLICIES)
-        _check_choice("loss_impl", self.loss_impl, _LOSS_IMPLS)
+        _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         if not isinstance(self.train_depths_only, bool):
             raise ValueError(
                 "ModelConfig.train_depths_only must be a bool, "

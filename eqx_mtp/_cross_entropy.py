@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ._config import LOSS_IMPLS
 from ._fused_ce import DEFAULT_CHUNK_SIZE, fused_cross_entropy, fused_loss_sum
-
-LossImpl = Literal["fused", "chunked", "naive"]
-LOSS_IMPLS = ("fused", "chunked", "naive")
 
 
 def naive_loss_sum(
