@@ -9,13 +9,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._cross_entropy import head_loss_sum
+from ._mesh import CONTEXT, DATA, batch_sharding, check_batch_fits_mesh, check_mesh
 from ._model import MTPModel
 from ._mtp import mtp_depth_losses
 from ._schedule import MTPWeight
 from ._targets import depth_targets, segment_positions
+from ._vocab_parallel import rows_head_loss_sum
 
 Reduction = Literal["mean", "pooled"]
 DepthWeights = Sequence[float] | Float[ArrayLike, " depths"]
@@ -28,9 +30,13 @@ def check_batch(
     segment_ids=None,
     positions=None,
     loss_mask=None,
+    mesh=None,
 ) -> None:
     """Raise a `ValueError`/`TypeError` naming the argument when a batch does not fit
-    `model` (shapes, dtypes, sequence length against depth and `max_seq_len`)."""
+    `model` (shapes, dtypes, sequence length against depth and `max_seq_len`) or
+    `mesh` (rows over `data`, the sequence over `context`)."""
+    if not isinstance(model, MTPModel):
+        raise TypeError(f"model must be an eqx_mtp.MTPModel, got {type(model)}")
     config = model.config
     if getattr(tokens, "ndim", None) != 2:
         raise ValueError(
@@ -66,6 +72,9 @@ def check_batch(
         if not jnp.issubdtype(value.dtype, kind):
             expected = "boolean" if kind is jnp.bool_ else "integer"
             raise TypeError(f"{name} must be a {expected} array, got {value.dtype}")
+    if mesh is not None:
+        check_mesh(mesh)
+        check_batch_fits_mesh(mesh, tokens.shape, name="tokens")
 
 
 def mtp_loss_sums(
@@ -75,6 +84,7 @@ def mtp_loss_sums(
     segment_ids: Int[Array, "batch seq"] | None = None,
     positions: Int[Array, "batch seq"] | None = None,
     loss_mask: Bool[Array, "batch seq"] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Float[Array, " depths_plus_one"], Int[Array, " depths_plus_one"]]:
     """Per-depth cross-entropy sums and valid-token counts; index 0 is the main
     (next-token) objective, index `k` depth `k`.
@@ -91,24 +101,45 @@ def mtp_loss_sums(
     - `positions`: optional `[batch, seq]` positions; by default they restart at 0 in
         every segment.
     - `loss_mask`: optional boolean `[batch, seq]`: which tokens may be targets.
+    - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]. The batch is laid out rows
+        over `data` and sequence over `context`, the trunk and the depths run as `jit`
+        partitions them, and the cross-entropy of the main head and of every depth runs
+        vocabulary-parallel under `jax.shard_map`
+        ([`eqx_mtp.vocab_parallel_loss_sum`][]). Targets and their validity are
+        computed on the whole row, so a document that straddles a `context` shard
+        boundary trains at every depth as on one device. The results equal the
+        single-device ones. `None`: one device.
 
     **Returns:**
 
-    `(loss_sums, token_counts)`, float32 and int32 arrays of shape `[num_depths + 1]`.
+    `(loss_sums, token_counts)`, float32 and int32 arrays of shape `[num_depths + 1]`,
+    summed over the whole batch (over every device of `mesh`).
     """
     check_batch(
-        model, tokens, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask
+        model,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        mesh=mesh,
     )
     vocab_size = model.config.vocab_size
-    tokens = eqx.error_if(
-        tokens,
-        (tokens < 0) | (tokens >= vocab_size),
+    # The check runs on a scalar that the tokens then depend on, so that a sharded
+    # batch stays sharded (a checked array would be gathered onto one device).
+    in_range = eqx.error_if(
+        jnp.zeros((), tokens.dtype),
+        jnp.any((tokens < 0) | (tokens >= vocab_size)),
         f"tokens: every id must lie in [0, vocab_size={vocab_size})",
     )
+    tokens = tokens + in_range
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
         positions = segment_positions(segment_ids)
+    if mesh is not None:
+        tokens, segment_ids, positions, loss_mask = _constrain(
+            (tokens, segment_ids, positions, loss_mask), batch_sharding(mesh)
+        )
 
     trunk = model.trunk
     if model.config.train_depths_only:
@@ -119,15 +150,20 @@ def mtp_loss_sums(
     hidden = jax.vmap(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
         tokens, positions, segment_ids
     )
+    if mesh is not None:
+        (hidden,) = _constrain(
+            (hidden,), NamedSharding(mesh, PartitionSpec(DATA, CONTEXT, None))
+        )
 
     targets, valid = depth_targets(
         tokens, 0, segment_ids=segment_ids, loss_mask=loss_mask
     )
-    main_sum, main_count = head_loss_sum(
-        trunk.final_norm(hidden).reshape(-1, hidden.shape[-1]),
+    main_sum, main_count = rows_head_loss_sum(
+        trunk.final_norm(hidden),
         trunk.unembedding_matrix,
-        targets.reshape(-1),
-        valid.reshape(-1),
+        targets,
+        valid,
+        mesh=mesh,
         chunk_size=model.config.loss_chunk_size,
         impl=model.config.loss_impl,
     )
@@ -145,10 +181,18 @@ def mtp_loss_sums(
         loss_mask=loss_mask,
         loss_chunk_size=model.config.loss_chunk_size,
         loss_impl=model.config.loss_impl,
+        mesh=mesh,
     )
     loss_sums = jnp.concatenate([main_sum[None], depth_sums])
     token_counts = jnp.concatenate([main_count[None], depth_counts])
     return loss_sums, token_counts
+
+
+def _constrain(arrays, sharding):
+    return tuple(
+        None if x is None else jax.lax.with_sharding_constraint(x, sharding)
+        for x in arrays
+    )
 
 
 def resolve_mtp_weight(
@@ -271,13 +315,14 @@ def mtp_loss(
     reduction: Reduction = "mean",
     depth_weights: DepthWeights | None = None,
     step: int | Int[ArrayLike, ""] | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """The MTP training loss of one batch: main next-token loss plus `mtp_weight` times
     the MTP loss. A pure function of `(model, batch)`, differentiable w.r.t. `model`.
 
     **Arguments:**
 
-    - `model`, `tokens`, `segment_ids`, `positions`, `loss_mask`: see
+    - `model`, `tokens`, `segment_ids`, `positions`, `loss_mask`, `mesh`: see
         [`eqx_mtp.mtp_loss_sums`][].
     - `mtp_weight`: λ: a float, a scalar array, or a schedule of `step`.
     - `reduction`, `depth_weights`, `step`: see [`eqx_mtp.reduce_losses`][].
@@ -287,7 +332,12 @@ def mtp_loss(
     `(loss, aux)` as [`eqx_mtp.reduce_losses`][] returns them.
     """
     loss_sums, token_counts = mtp_loss_sums(
-        model, tokens, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask
+        model,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        mesh=mesh,
     )
     return reduce_losses(
         loss_sums,

@@ -8,10 +8,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import MTPKind, RematPolicy
-from ._cross_entropy import head_loss_sum
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._roll import roll_and_mask
 from ._targets import depth_targets, segment_positions
@@ -23,6 +23,7 @@ from ._transformer import (
     stack_modules,
     unstack_module,
 )
+from ._vocab_parallel import rows_head_loss_sum
 
 LayerFactory = Callable[[PRNGKeyArray], eqx.Module]
 
@@ -287,6 +288,7 @@ def mtp_depth_losses(
     loss_mask: Bool[Array, "batch seq"] | None = None,
     loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     loss_impl: str = "fused",
+    mesh: Mesh | None = None,
 ) -> tuple[Float[Array, " depths"], Int[Array, " depths"]]:
     """Per-depth cross-entropy sums and token counts of MTP depths on any trunk.
 
@@ -305,6 +307,9 @@ def mtp_depth_losses(
     - `segment_ids`, `positions`, `loss_mask`: see [`eqx_mtp.depth_targets`][].
     - `loss_chunk_size`, `loss_impl`: `chunk_size` and `impl` of
         [`eqx_mtp.head_loss_sum`][].
+    - `mesh`: a mesh from [`eqx_mtp.make_mesh`][]: each depth's cross-entropy then
+        runs vocabulary-parallel under `jax.shard_map`
+        ([`eqx_mtp.vocab_parallel_loss_sum`][]); `None` runs on one device.
 
     **Returns:**
 
@@ -317,11 +322,12 @@ def mtp_depth_losses(
         targets, valid = depth_targets(
             tokens, k, segment_ids=segment_ids, loss_mask=loss_mask
         )
-        return head_loss_sum(
-            normed.reshape(-1, normed.shape[-1]),
+        return rows_head_loss_sum(
+            normed,
             unembedding,
-            targets.reshape(-1),
-            valid.reshape(-1),
+            targets,
+            valid,
+            mesh=mesh,
             chunk_size=loss_chunk_size,
             impl=loss_impl,
         )

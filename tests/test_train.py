@@ -12,10 +12,10 @@ import pytest
 from helpers import tiny_config, tree_allclose
 
 import eqx_mtp
-from eqx_mtp._checkpoint import Checkpointer
-from eqx_mtp._cli import main
-from eqx_mtp._train import TrainConfig, UserError, train
-from eqx_mtp._train_step import accumulated_loss_and_grad
+from eqx_mtp.train._checkpoint import Checkpointer
+from eqx_mtp.train._cli import main
+from eqx_mtp.train._job import TrainConfig, UserError, train
+from eqx_mtp.train._train_step import accumulated_loss_and_grad
 
 TINY = dict(
     steps=6,

@@ -8,7 +8,7 @@ import sys
 
 from ._checkpoint import CheckpointError
 from ._data import DataError
-from ._train import TrainConfig, UserError, load_config_file, train
+from ._job import TrainConfig, UserError, load_config_file, train
 
 _HELP = {
     "data": "a directory of text files, a .txt or a .jsonl (field 'text'); "

@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
+from .._config import ModelConfig
+from .._model import MTPModel
+from .._schedule import parse_mtp_weight
 from ._checkpoint import Checkpointer, CheckpointError, write_json
-from ._config import ModelConfig
 from ._data import (
     BYTE_VOCAB_SIZE,
     TrainBatches,
@@ -29,8 +31,6 @@ from ._data import (
     split_documents,
 )
 from ._eval import evaluate
-from ._model import MTPModel
-from ._schedule import parse_mtp_weight
 from ._train_step import make_optimizer, train_step
 
 

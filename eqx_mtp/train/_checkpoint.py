@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
-from ._config import ModelConfig
-from ._model import MTPModel
+from .._config import ModelConfig
+from .._model import MTPModel
 
 CONFIG_FILE = "config.json"
 _EVAL_METRIC = "eval_loss"

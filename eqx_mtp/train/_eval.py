@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ._model import MTPModel
-from ._mtp import scan_depths
-from ._roll import roll_and_mask
-from ._targets import depth_targets, segment_positions
+from .._model import MTPModel
+from .._mtp import scan_depths
+from .._roll import roll_and_mask
+from .._targets import depth_targets, segment_positions
 
 
 def _depth_statistics(logits, targets, valid, trunk_guess):

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PyTree
 
-from ._loss import Reduction, mtp_loss_sums, reduce_losses
-from ._model import MTPModel
-from ._targets import valid_token_counts
+from .._loss import Reduction, mtp_loss_sums, reduce_losses
+from .._model import MTPModel
+from .._targets import valid_token_counts
 
 _NO_DECAY_NAMES = ("embedding", "unembedding")
 

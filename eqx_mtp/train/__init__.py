@@ -1,0 +1,30 @@
+"""The training application built on `eqx_mtp`: data pipeline, job, train step,
+checkpoints, evaluation, plots and the `eqx-mtp` command line."""
+
+from ._checkpoint import (
+    Checkpointer as Checkpointer,
+    CheckpointError as CheckpointError,
+    load_checkpoint as load_checkpoint,
+)
+from ._data import (
+    BOS_ID as BOS_ID,
+    BYTE_VOCAB_SIZE as BYTE_VOCAB_SIZE,
+    EOS_ID as EOS_ID,
+    PAD_ID as PAD_ID,
+    DataError as DataError,
+    TrainBatches as TrainBatches,
+    decode as decode,
+    encode_document as encode_document,
+    eval_batches as eval_batches,
+    load_documents as load_documents,
+    pack_documents as pack_documents,
+    split_documents as split_documents,
+)
+from ._eval import evaluate as evaluate
+from ._job import TrainConfig as TrainConfig, train as train
+from ._train_step import (
+    accumulated_loss_and_grad as accumulated_loss_and_grad,
+    make_optimizer as make_optimizer,
+    train_step as train_step,
+    weight_decay_mask as weight_decay_mask,
+)
