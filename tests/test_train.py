@@ -33,6 +33,7 @@ TINY = dict(
     save_every=3,
     log_every=1,
     eval_fraction=0.2,
+    num_devices=1,
 )
 
 
@@ -148,14 +149,17 @@ def test_existing_checkpoints_are_never_overwritten(corpus, tmp_path, capsys):
     run = tmp_path / "run"
     train(_config(corpus, run, steps=2, save_every=0), progress=False)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    code = main(["train", "--data", corpus, "--run", str(run), "--steps", "2"])
+    code = main(
+        ["train", "--data", corpus, "--run", str(run), "--steps", "2"]
+        + ["--num-devices", "1"]
+    )
     assert code == 2
     assert "--resume" in capsys.readouterr().err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
 
 
 def _cli_error(capsys, args):
-    code = main(["train", "--no-progress", *args])
+    code = main(["train", "--no-progress", "--num-devices", "1", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith("eqx-mtp train: error:"), err
@@ -199,6 +203,7 @@ def test_config_file_and_flags(corpus, tmp_path):
     args = ["train", "--no-progress", "--config", str(config_file), "--data", corpus]
     args += ["--run", str(run), "--num-depths", "2", "--steps", "1", "--seq-len", "16"]
     args += ["--batch-size", "2", "--num-layers", "1", "--eval-batches", "1"]
+    args += ["--num-devices", "1"]
     assert main(args) == 0
     stored = json.loads((run / "config.json").read_text())
     assert stored["model"]["dim"] == 32  # from the file

@@ -15,11 +15,13 @@ import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, SingleDeviceSharding
 from jaxtyping import PyTree
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from .._config import ModelConfig
 from .._model import MTPModel
+from .._sharding import DEFAULT_RULES, ShardingRule, named_shardings
 
 CONFIG_FILE = "config.json"
 _EVAL_METRIC = "eval_loss"
@@ -60,6 +62,26 @@ def _is_array_or_shape(leaf) -> bool:
 def model_template(config: ModelConfig) -> MTPModel:
     """The model's structure with `jax.ShapeDtypeStruct` leaves: nothing allocated."""
     return eqx.filter_eval_shape(MTPModel, config, key=jax.random.key(0))
+
+
+def placed_template(
+    template: PyTree, mesh: Mesh | None, rules: tuple[ShardingRule, ...]
+) -> PyTree:
+    """`template`'s array leaves as `jax.ShapeDtypeStruct`s that say where each
+    restored array goes: on `mesh` as `rules` lay it out, or on this process's first
+    device when `mesh` is `None` (whatever mesh the checkpoint was saved from)."""
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, template)
+    else:
+        shardings = named_shardings(template, mesh, rules=rules)
+
+    def place(leaf, sharding):
+        if not _is_array_or_shape(leaf):
+            return leaf
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+    return jax.tree.map(place, template, shardings)
 
 
 class Checkpointer:
@@ -155,6 +177,8 @@ class Checkpointer:
         opt_state_template: PyTree | None = None,
         config: dict | None = None,
         step: int | None = None,
+        mesh: Mesh | None = None,
+        rules: tuple[ShardingRule, ...] = DEFAULT_RULES,
     ) -> RestoredState:
         """Restore the newest usable checkpoint (or exactly `step`).
 
@@ -169,6 +193,9 @@ class Checkpointer:
             `jax.eval_shape(optimizer.init, params)`); `None` skips it.
         - `config`: the current run configuration to compare with the stored one.
         - `step`: a specific step; default the newest that loads.
+        - `mesh`, `rules`: restore every array onto `mesh` as `rules` lay it out
+            ([`eqx_mtp.partition_specs`][]); `None` restores onto this process's first
+            device. Either works whatever mesh the checkpoint was saved from.
         """
         candidates = [step] if step is not None else self.steps()[::-1]
         if not candidates:
@@ -185,7 +212,9 @@ class Checkpointer:
         errors = []
         for candidate in candidates:
             try:
-                return self._restore_step(candidate, model_config, opt_state_template)
+                return self._restore_step(
+                    candidate, model_config, opt_state_template, mesh, rules
+                )
             except Exception as error:  # noqa: BLE001 - any failure means "damaged"
                 message = f"{type(error).__name__}: {str(error).splitlines()[0]}"
                 errors.append(f"step {candidate}: {message}")
@@ -204,17 +233,23 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - a damaged config is handled by the fall-back
             return None
 
-    def _restore_step(self, step, model_config, opt_state_template) -> RestoredState:
+    def _restore_step(
+        self, step, model_config, opt_state_template, mesh, rules
+    ) -> RestoredState:
         params_template, static = eqx.partition(
             model_template(model_config), _is_array_or_shape
         )
         items = dict(
-            model=ocp.args.StandardRestore(params_template),
+            model=ocp.args.StandardRestore(
+                placed_template(params_template, mesh, rules)
+            ),
             run_state=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         )
         if opt_state_template is not None:
-            items["opt_state"] = ocp.args.StandardRestore(opt_state_template)
+            items["opt_state"] = ocp.args.StandardRestore(
+                placed_template(opt_state_template, mesh, rules)
+            )
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         run_state = restored.run_state
         return RestoredState(

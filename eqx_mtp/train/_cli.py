@@ -17,6 +17,13 @@ _HELP = {
     "resume": "continue the run in --run (default: the newest under runs/)",
     "mtp_weight": "λ: a float, or a schedule '0.3@0,0.1@800'",
     "micro_batches": "gradient accumulation: split each batch into this many parts",
+    "mesh": "device mesh, e.g. 'data=4,model=2,context=1' (default: every device "
+    "on data)",
+    "num_devices": "use only the first N devices (single-process runs)",
+    "coordinator": "HOST:PORT of process 0, for a multi-process run",
+    "num_processes": "number of processes of a multi-process run",
+    "process_id": "this process's index in a multi-process run",
+    "distributed": "join a multi-process run whose peers JAX detects (TPU pod, SLURM)",
 }
 
 
@@ -41,7 +48,12 @@ def _parser() -> argparse.ArgumentParser:
             train_parser.add_argument(
                 flag, action="store_true", dest=field.name, help=help_text
             )
-        elif field.name == "max_seq_len":
+        elif field.name in (
+            "max_seq_len",
+            "num_devices",
+            "num_processes",
+            "process_id",
+        ):
             train_parser.add_argument(flag, type=int, dest=field.name, help=help_text)
         elif default is None or isinstance(default, str):
             train_parser.add_argument(flag, type=str, dest=field.name, help=help_text)

@@ -348,6 +348,8 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         seq_len: int,
         batch_size: int,
         seed: int = 0,
+        rows: Sequence[int] | None = None,
+        columns: slice | None = None,
     ):
         """**Arguments:**
 
@@ -355,6 +357,11 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         - `seq_len`: the row length, positive.
         - `batch_size`: rows per batch, positive and at most the number of packed rows.
         - `seed`: a non-negative integer choosing the document order and the shuffles.
+        - `rows`: which rows of every batch to materialise, as indices into
+            `range(batch_size)`; default all. A process of a multi-process run reads
+            only its share of each global batch this way; the stream, and so
+            `get_state()`, is the same in every process.
+        - `columns`: which part of the sequence axis to materialise; default all.
 
         **Raises:**
 
@@ -383,13 +390,25 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         shuffle_seed = int.from_bytes(
             _seeded_digest(seed, b"shuffle", b"")[:4], "little"
         )
-        rows = self.rows
+        packed = self.rows
+        selected = np.arange(batch_size) if rows is None else np.asarray(rows)
+        if selected.ndim != 1 or np.any((selected < 0) | (selected >= batch_size)):
+            raise DataError(
+                f"rows must be indices into range(batch_size={batch_size}), got "
+                f"{selected.tolist()}"
+            )
+        columns = slice(None) if columns is None else columns
+
+        def materialise(index):
+            index = index[selected]
+            return {k: packed[k][index, columns] for k in _PACKED_KEYS}
+
         dataset = (
             grain.MapDataset.range(self.epoch_rows)
             .shuffle(seed=shuffle_seed)
             # Batching before `repeat` keeps batches inside an epoch.
             .batch(batch_size, drop_remainder=True)
-            .map(lambda index: {k: rows[k][index] for k in _PACKED_KEYS})
+            .map(materialise)
             .repeat()
         )
         # The rows are in memory: reading threads would only contend for the GIL.

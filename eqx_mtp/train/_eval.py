@@ -9,12 +9,15 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Int
 
+from .._mesh import batch_sharding
 from .._model import MTPModel
 from .._mtp import scan_depths
 from .._roll import roll_and_mask
 from .._targets import depth_targets, segment_positions
+from ._distributed import replicated_input
 
 
 def _depth_statistics(logits, targets, valid, trunk_guess):
@@ -39,6 +42,7 @@ def batch_statistics(
     tokens: Int[Array, "batch seq"],
     segment_ids: Int[Array, "batch seq"],
     positions: Int[Array, "batch seq"] | None = None,
+    mesh: Mesh | None = None,
 ) -> Array:
     """`[num_depths + 1, 4]` sums for one batch: loss, correct, agree, count.
 
@@ -80,17 +84,30 @@ def batch_statistics(
                 positions=positions,
             )
         )
-    return jnp.concatenate([rows[0][None], *rows[1:]], axis=0)
+    stats = jnp.concatenate([rows[0][None], *rows[1:]], axis=0)
+    if mesh is not None:
+        # Replicated, so that every process can read the sums.
+        stats = jax.lax.with_sharding_constraint(
+            stats, NamedSharding(mesh, PartitionSpec())
+        )
+    return stats
 
 
-def evaluate(model: MTPModel, batches: Iterable[dict[str, np.ndarray]]) -> dict:
+def evaluate(
+    model: MTPModel,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    mesh: Mesh | None = None,
+) -> dict:
     """Evaluate every depth on held-out batches.
 
     **Arguments:**
 
     - `model`: the model.
     - `batches`: dicts with `tokens`, `segment_ids` and optionally `positions`, each
-        `[batch, seq]`.
+        `[batch, seq]`; in a multi-process run, every process passes the same batches.
+    - `mesh`: lay each batch out on this mesh (rows over `data`, sequence over
+        `context`), for a model whose arrays live on it.
 
     **Returns:**
 
@@ -100,13 +117,19 @@ def evaluate(model: MTPModel, batches: Iterable[dict[str, np.ndarray]]) -> dict:
     `depth_agreement` (with the trunk's own guess of the same token; 1.0 at index 0)
     and `tokens` (targets counted at depth 0).
     """
+    if mesh is None:
+        place = jnp.asarray
+    else:
+        layout = batch_sharding(mesh)
+        place = lambda x: replicated_input(x, layout)  # noqa: E731
     totals = None
     for batch in batches:
         stats = batch_statistics(
             model,
-            jnp.asarray(batch["tokens"]),
-            jnp.asarray(batch["segment_ids"]),
-            None if batch.get("positions") is None else jnp.asarray(batch["positions"]),
+            place(batch["tokens"]),
+            place(batch["segment_ids"]),
+            None if batch.get("positions") is None else place(batch["positions"]),
+            mesh,
         )
         stats = np.asarray(stats, np.float64)
         totals = stats if totals is None else totals + stats

@@ -16,12 +16,15 @@ from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .._config import ModelConfig
+from .._mesh import batch_sharding, make_mesh
 from .._model import MTPModel
 from .._schedule import parse_mtp_weight
+from .._sharding import named_shardings
 from ._checkpoint import Checkpointer, CheckpointError, write_json
 from ._data import (
     BYTE_VOCAB_SIZE,
@@ -30,6 +33,7 @@ from ._data import (
     load_documents,
     split_documents,
 )
+from ._distributed import global_array, initialize, is_primary, process_box
 from ._eval import evaluate
 from ._train_step import make_optimizer, train_step
 
@@ -43,7 +47,11 @@ class TrainConfig:
     """Everything `eqx-mtp train` needs; CLI flags and `--config FILE` override it.
 
     Model fields go to [`eqx_mtp.ModelConfig`][]; `mtp_weight` is a float or a
-    schedule `"0.3@0,0.1@800"` (λ = 0.3 from step 0, 0.1 from step 800).
+    schedule `"0.3@0,0.1@800"` (λ = 0.3 from step 0, 0.1 from step 800). `mesh` is
+    `"data=4,model=2,context=1"` (axes left out are 1, except `data`, which takes the
+    devices the others leave) over every device, or over the first `num_devices` of a
+    single-process run; `coordinator`, `num_processes` and `process_id` start a
+    multi-process run, `distributed` one whose peers JAX detects (TPU pods, SLURM).
     """
 
     data: str | None = None
@@ -79,6 +87,12 @@ class TrainConfig:
     save_every: int = 100
     keep: int = 3
     log_every: int = 10
+    mesh: str | None = None
+    num_devices: int | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "micro_batches", "seq_len", "keep"):
@@ -118,6 +132,33 @@ class TrainConfig:
             parse_mtp_weight(self.mtp_weight)
         except ValueError as error:
             raise UserError(str(error)) from None
+        self.mesh_axes()
+        if self.num_devices is not None and self.num_devices < 1:
+            raise UserError(f"--num-devices must be >= 1, got {self.num_devices}")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise UserError(f"--num-processes must be >= 1, got {self.num_processes}")
+        if self.process_id is not None and not (
+            0 <= self.process_id < (self.num_processes or 1)
+        ):
+            raise UserError(
+                f"--process-id must lie in [0, --num-processes), got {self.process_id}"
+            )
+
+    def mesh_axes(self) -> dict[str, int]:
+        """`--mesh` as keyword arguments of [`eqx_mtp.make_mesh`][]."""
+        axes = dict(data=-1, model=1, context=1)
+        if not self.mesh:
+            return axes
+        for part in self.mesh.split(","):
+            name, _, size = part.partition("=")
+            name = name.strip()
+            if name not in axes or not size.strip().lstrip("-").isdigit():
+                raise UserError(
+                    f"--mesh must look like 'data=4,model=2,context=1' (axes data, "
+                    f"model, context), got {self.mesh!r}"
+                )
+            axes[name] = int(size)
+        return axes
 
     def model_config(self) -> ModelConfig:
         """The byte-level model this run trains."""
@@ -153,6 +194,13 @@ RESUMABLE_FIELDS = frozenset(
         "keep",
         "log_every",
         "eval_batches",
+        # Any mesh and any number of processes compute the same step.
+        "mesh",
+        "num_devices",
+        "coordinator",
+        "num_processes",
+        "process_id",
+        "distributed",
     }
 )
 
@@ -190,12 +238,14 @@ def _resolve_run_directory(config: TrainConfig) -> pathlib.Path:
         if not runs:
             raise UserError("--resume: no run to continue under runs/; pass --run DIR")
         run = runs[-1]
+    elif jax.process_count() > 1:
+        raise UserError("--run: a multi-process run needs one run directory; pass it")
     else:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         run = pathlib.Path("runs") / stamp
     try:
         run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-test"
+        probe = run / f".write-test-{jax.process_index()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
@@ -244,6 +294,18 @@ def train(
     final eval and the mean tokens/s.
     """
     model_config = config.model_config()
+    try:
+        initialize(
+            coordinator=config.coordinator,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+            auto=config.distributed,
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    mesh = _make_mesh(config)
+    _check_batch_fits(config, mesh)
+    primary = is_primary()
     run = _resolve_run_directory(config)
     if _has_checkpoints(run) and not config.resume:
         raise UserError(
@@ -257,18 +319,30 @@ def train(
     train_docs, held_out = split_documents(
         documents, eval_fraction=config.eval_fraction, seed=config.seed
     )
+    micro = config.micro_batches
+    batch_shape = (micro, config.batch_size // micro, config.seq_len)
+    batch_layout = batch_sharding(mesh, 3)
+    _, local_rows, local_columns = process_box(batch_layout, batch_shape)
     batches = TrainBatches(
         train_docs,
         seq_len=config.seq_len,
         batch_size=config.batch_size,
         seed=config.seed,
+        rows=[
+            m * batch_shape[1] + row
+            for m in range(micro)
+            for row in range(local_rows.start, local_rows.stop)
+        ],
+        columns=local_columns,
     )
     evaluation = eval_batches(
         held_out, seq_len=config.seq_len, batch_size=config.batch_size
     )[: max(config.eval_batches, 1)]
 
     rng = jax.random.key(config.seed)
-    model = MTPModel(model_config, key=rng)
+    # One device runs the plain program; otherwise the loss is vocabulary-parallel.
+    loss_mesh = mesh if mesh.size > 1 else None
+    model = _init_model(model_config, config.seed, loss_mesh)
     optimizer = make_optimizer(
         model,
         learning_rate=config.learning_rate,
@@ -278,7 +352,7 @@ def train(
         weight_decay=config.weight_decay,
         grad_clip=config.grad_clip,
     )
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
+    opt_state = _init_opt_state(optimizer, model, loss_mesh)
     stored_config = _stored_config(config)
     checkpointer = Checkpointer(run / "checkpoints", keep=config.keep)
     start_step = 0
@@ -288,6 +362,7 @@ def train(
                 model_config=model_config,
                 opt_state_template=jax.eval_shape(lambda: opt_state),
                 config=stored_config,
+                mesh=loss_mesh,
             )
         except CheckpointError as error:
             checkpointer.close()
@@ -295,14 +370,20 @@ def train(
         model, opt_state, rng = restored.model, restored.opt_state, restored.rng
         batches.set_state(restored.data_state)
         start_step = restored.step
-    write_json(run / "config.json", dict(stored_config, run=dataclasses.asdict(config)))
-    print("eqx-mtp train: effective config", file=sys.stderr)
-    print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
-    print(f"run directory: {run}, starting at step {start_step}", file=sys.stderr)
+    if primary:
+        write_json(
+            run / "config.json", dict(stored_config, run=dataclasses.asdict(config))
+        )
+        print("eqx-mtp train: effective config", file=sys.stderr)
+        print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+        print(
+            f"run directory: {run}, starting at step {start_step}, mesh "
+            f"{dict(mesh.shape)} over {jax.process_count()} process(es)",
+            file=sys.stderr,
+        )
 
     mtp_weight = parse_mtp_weight(config.mtp_weight)
     last_step = config.steps if stop_after is None else min(stop_after, config.steps)
-    micro = config.micro_batches
     tokens_per_step = config.batch_size * config.seq_len
     timed_tokens, timed_seconds = 0, 0.0
     last_metrics: dict = {}
@@ -320,17 +401,17 @@ def train(
         )
 
     def run_eval(step):
-        result = evaluate(model, evaluation)
+        result = evaluate(model, evaluation, mesh=loss_mesh)
         _log(metrics_file, dict(step=step, eval=result))
         return result
 
     metrics_path = run / "metrics.jsonl"
     with (
-        open(metrics_path, "a") as metrics_file,
+        open(metrics_path, "a") if primary else _Discard() as metrics_file,
         tqdm(
             total=config.steps,
             initial=start_step,
-            disable=not progress,
+            disable=not (progress and primary),
             dynamic_ncols=True,
             desc="train",
         ) as bar,
@@ -338,7 +419,9 @@ def train(
         for step in range(start_step + 1, last_step + 1):
             batch = next(batches)
             shaped = {
-                k: jnp.asarray(v).reshape(micro, -1, v.shape[-1])
+                k: global_array(
+                    v.reshape(micro, -1, v.shape[-1]), batch_layout, batch_shape
+                )
                 for k, v in batch.items()
             }
             weight = float(mtp_weight(step - 1) if callable(mtp_weight) else mtp_weight)
@@ -348,8 +431,9 @@ def train(
                 model,
                 opt_state,
                 shaped,
-                jnp.asarray(weight, jnp.float32),
+                np.asarray(weight, np.float32),
                 config.reduction,
+                loss_mesh,
             )
             metrics = jax.device_get(metrics)
             elapsed = time.perf_counter() - started
@@ -385,10 +469,12 @@ def train(
             if config.eval_every and step % config.eval_every == 0 and step < last_step:
                 result = run_eval(step)
                 eval_loss = result["depth_losses"][0]
-                bar.write(
-                    f"step {step}: eval {result['main_bits_per_byte']:.3f} bits/byte, "
-                    f"depth losses {_format_losses(result['depth_losses'])}"
-                )
+                if primary:
+                    bar.write(
+                        f"step {step}: eval {result['main_bits_per_byte']:.3f} "
+                        f"bits/byte, depth losses "
+                        f"{_format_losses(result['depth_losses'])}"
+                    )
             if config.save_every and step % config.save_every == 0 and step < last_step:
                 save(step, eval_loss)
         final_step = max(last_step, start_step)
@@ -404,13 +490,86 @@ def train(
         eval=final_eval,
         tokens_per_second=timed_tokens / timed_seconds if timed_seconds else None,
     )
-    if final_eval is not None:
+    if final_eval is not None and primary:
         write_json(run / "summary.json", summary)
         from ._plot import plot_losses
 
         plot_losses(metrics_path, run / "losses.png")
         print(format_summary(summary))
     return summary
+
+
+class _Discard:
+    """Stands in for the metrics file in processes other than the first."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def _make_mesh(config: TrainConfig) -> Mesh:
+    devices = jax.devices()
+    if config.num_devices is not None:
+        if jax.process_count() > 1:
+            raise UserError("--num-devices is for single-process runs")
+        if config.num_devices > len(devices):
+            raise UserError(
+                f"--num-devices={config.num_devices}, but there are {len(devices)}"
+            )
+        devices = devices[: config.num_devices]
+    try:
+        return make_mesh(**config.mesh_axes(), devices=devices)
+    except ValueError as error:
+        raise UserError(f"--mesh: {error}".replace("make_mesh: ", "")) from None
+
+
+def _check_batch_fits(config: TrainConfig, mesh: Mesh) -> None:
+    rows = config.batch_size // config.micro_batches
+    if rows % mesh.shape["data"]:
+        raise UserError(
+            f"--batch-size={config.batch_size} / --micro-batches="
+            f"{config.micro_batches} = {rows} rows per micro-batch cannot be split "
+            f"over the mesh's data axis of size {mesh.shape['data']}"
+        )
+    if config.seq_len % mesh.shape["context"]:
+        raise UserError(
+            f"--seq-len={config.seq_len} cannot be split over the mesh's context axis "
+            f"of size {mesh.shape['context']}"
+        )
+
+
+def _init_model(config: ModelConfig, seed: int, mesh: Mesh | None) -> MTPModel:
+    """The initial model, built straight into its shards on `mesh` (every process
+    computes the same values from `seed`)."""
+    if mesh is None:
+        return MTPModel(config, key=jax.random.key(seed))
+
+    def arrays():
+        return eqx.filter(MTPModel(config, key=jax.random.key(seed)), eqx.is_array)
+
+    shapes = jax.eval_shape(arrays)
+    placed = jax.jit(arrays, out_shardings=named_shardings(shapes, mesh))()
+    static = eqx.filter(
+        eqx.filter_eval_shape(MTPModel, config, key=jax.random.key(seed)),
+        lambda leaf: not isinstance(leaf, jax.ShapeDtypeStruct),
+    )
+    return eqx.combine(placed, static)
+
+
+def _init_opt_state(optimizer, model: MTPModel, mesh: Mesh | None):
+    params = eqx.filter(model, eqx.is_array)
+    if mesh is None:
+        return optimizer.init(params)
+    shapes = jax.eval_shape(optimizer.init, params)
+    return jax.jit(optimizer.init, out_shardings=named_shardings(shapes, mesh))(params)
 
 
 def format_summary(summary: dict) -> str:

@@ -8,10 +8,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int, PyTree
 
 from .._loss import Reduction, mtp_loss_sums, reduce_losses
+from .._mesh import check_batch_fits_mesh
 from .._model import MTPModel
+from .._sharding import DEFAULT_RULES, ShardingRule, shard_tree
 from .._targets import valid_token_counts
 
 _NO_DECAY_NAMES = ("embedding", "unembedding")
@@ -71,6 +74,7 @@ def accumulated_loss_and_grad(
     mtp_weight: float | Float[Array, ""],
     reduction: Reduction = "mean",
     loss_sums_fn: Callable = mtp_loss_sums,
+    mesh: Mesh | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array], PyTree]:
     """Loss and gradient of a batch split into micro-batches, equal to those of the
     whole batch at once.
@@ -86,12 +90,26 @@ def accumulated_loss_and_grad(
     - `batch`: `tokens` and optional `segment_ids`, `positions`, `loss_mask`, each
         `[micro_batches, rows, seq]`.
     - `mtp_weight`, `reduction`: as for [`eqx_mtp.reduce_losses`][].
+    - `loss_sums_fn`: `(model, tokens, *, segment_ids, positions, loss_mask) ->
+        (loss_sums, token_counts)`, by default [`eqx_mtp.mtp_loss_sums`][]; it also
+        gets `mesh=` when a mesh is given.
+    - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]: every micro-batch is laid
+        out rows over `data` and sequence over `context` and its loss computed as
+        [`eqx_mtp.mtp_loss_sums`][] does on a mesh. The counts are global before the
+        first micro-batch, so the result is the same on any mesh.
 
     **Returns:**
 
     `(loss, aux, grads)` with `aux` as [`eqx_mtp.reduce_losses`][] returns it.
     """
     tokens = batch["tokens"]
+    if getattr(tokens, "ndim", None) != 3:
+        raise ValueError(
+            "batch['tokens'] must have shape [micro_batches, rows, seq], got shape "
+            f"{getattr(tokens, 'shape', None)}"
+        )
+    if mesh is not None:
+        check_batch_fits_mesh(mesh, tokens.shape, name="batch['tokens']")
     segment_ids = batch.get("segment_ids")
     loss_mask = batch.get("loss_mask")
     num_depths = model.config.num_depths
@@ -108,6 +126,8 @@ def accumulated_loss_and_grad(
         )[0]
     )(jnp.zeros(num_depths + 1, jnp.float32))
 
+    mesh_kwargs = {} if mesh is None else dict(mesh=mesh)
+
     def surrogate(m, micro):
         sums, _ = loss_sums_fn(
             m,
@@ -115,6 +135,7 @@ def accumulated_loss_and_grad(
             segment_ids=micro.get("segment_ids"),
             positions=micro.get("positions"),
             loss_mask=micro.get("loss_mask"),
+            **mesh_kwargs,
         )
         return jnp.dot(coefficients, sums), sums
 
@@ -147,16 +168,30 @@ def train_step(
     batch: dict[str, Array],
     mtp_weight: Float[Array, ""],
     reduction: Reduction = "mean",
+    mesh: Mesh | None = None,
+    rules: tuple[ShardingRule, ...] = DEFAULT_RULES,
 ) -> tuple[MTPModel, PyTree, dict[str, Array]]:
-    """One AdamW step on a `[micro_batches, rows, seq]` batch; returns the new model,
-    optimizer state and the loss metrics (with the gradient's global norm)."""
+    """One optimizer step on a `[micro_batches, rows, seq]` batch; returns the new
+    model, optimizer state and the loss metrics (with the gradient's global norm).
+
+    The model, optimizer state and batch buffers are donated. With a `mesh`, the loss
+    is computed as [`eqx_mtp.accumulated_loss_and_grad`][] does on it, and the
+    gradients, the new parameters and the new optimizer state are laid out by `rules`
+    ([`eqx_mtp.partition_specs`][]), as the model and state passed in should be
+    ([`eqx_mtp.shard_tree`][]).
+    """
     loss, aux, grads = accumulated_loss_and_grad(
-        model, batch, mtp_weight=mtp_weight, reduction=reduction
+        model, batch, mtp_weight=mtp_weight, reduction=reduction, mesh=mesh
     )
+    if mesh is not None:
+        grads = shard_tree(grads, mesh, rules=rules)
     params = eqx.filter(model, eqx.is_array)
     # optax mixes Python floats with int32 step counts; our own code stays strict.
     with jax.numpy_dtype_promotion("standard"):
         updates, opt_state = optimizer.update(grads, opt_state, params)
     model = eqx.apply_updates(model, updates)
+    if mesh is not None:
+        model = shard_tree(model, mesh, rules=rules)
+        opt_state = shard_tree(opt_state, mesh, rules=rules)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return model, opt_state, metrics
