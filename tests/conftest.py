@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
@@ -20,3 +21,15 @@ def getkey():
     """A fresh PRNG key on every call."""
     keys = iter(jax.random.split(jax.random.key(0), 10_000))
     return lambda: next(keys)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A directory of 30 small `.py` documents for the training job."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "lambda", "x", "y", "(", ")"]
+    for i in range(30):
+        text = " ".join(rng.choice(words, size=rng.integers(5, 40)))
+        (root / f"doc{i:02d}.py").write_text(text + "\n")
+    return str(root)

@@ -37,18 +37,8 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    rng = np.random.default_rng(0)
-    words = ["def", "return", "self", "import", "class", "lambda", "x", "y", "(", ")"]
-    for i in range(30):
-        text = " ".join(rng.choice(words, size=rng.integers(5, 40)))
-        (root / f"doc{i:02d}.py").write_text(text + "\n")
-    return str(root)
-
-
 def _config(corpus, run, **overrides):
+    """The tiny job on one device, unless `overrides` say otherwise."""
     return TrainConfig(**dict(TINY, data=corpus, run=str(run), **overrides))
 
 
@@ -194,6 +184,28 @@ def test_cli_bad_inputs(corpus, tmp_path, capsys):
     bad_config.write_text('{"no_such_field": 1}')
     assert "no_such_field" in _cli_error(capsys, ["--config", str(bad_config)])
     assert "mtp" in _cli_error(capsys, ["--data", corpus, "--mtp-weight", "0.3@x"])
+
+
+def test_cli_mesh_errors(corpus, tmp_path, capsys):
+    """A mesh that does not match the devices, and a batch or sequence that its axes
+    do not divide: one line naming the flag, before any data is read or written."""
+    run = ["--data", corpus, "--run", str(tmp_path / "run")]
+    message = _cli_error(capsys, run + ["--num-devices", "8", "--mesh", "data=3"])
+    assert "--mesh" in message and "8" in message
+    assert "--mesh" in _cli_error(capsys, run + ["--mesh", "data=2,width=4"])
+    message = _cli_error(
+        capsys, run + ["--num-devices", "8", "--batch-size", "12", "--seq-len", "16"]
+    )
+    assert "--batch-size" in message and "data axis of size 8" in message
+    message = _cli_error(
+        capsys,
+        run + ["--num-devices", "8", "--mesh", "data=2,context=4", "--seq-len", "18"],
+    )
+    assert "--seq-len" in message and "context" in message
+    assert "--num-devices" in _cli_error(capsys, run + ["--num-devices", "9"])
+    message = _cli_error(capsys, run + ["--coordinator", "127.0.0.1:1"])
+    assert "--num-processes" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_config_file_and_flags(corpus, tmp_path):

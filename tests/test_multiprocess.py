@@ -1,0 +1,148 @@
+"""The training job on a mesh and as several JAX processes gives the one-device
+numbers: two local CPU processes (gloo collectives, loopback only, 4 devices each)
+train like one process of 8 devices, and their checkpoint restores in one process."""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from helpers import tree_allclose
+
+import eqx_mtp
+from eqx_mtp.train._job import TrainConfig, train
+
+TIMEOUT_S = 110
+
+TINY_MESH_JOB = dict(
+    steps=5,
+    batch_size=8,
+    seq_len=16,
+    dim=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_dim=24,
+    num_depths=2,
+    warmup_steps=2,
+    eval_every=0,
+    eval_batches=1,
+    save_every=0,
+    log_every=1,
+    eval_fraction=0.2,
+)
+
+
+def _flags(values: dict) -> list[str]:
+    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()] + [
+        "--no-progress"
+    ]
+
+
+def _losses(run) -> dict[int, list[float]]:
+    lines = (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()
+    return {
+        r["step"]: [r["loss"], *r["depth_losses"]]
+        for r in map(json.loads, lines)
+        if "eval" not in r
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _run_processes(commands, env, logs, timeout):
+    """Start every command in its own process group; wait for all, bounded in time;
+    kill whatever is left on any failure. Returns the exit codes."""
+    processes = []
+    try:
+        for command, log in zip(commands, logs):
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        deadline = time.monotonic() + timeout
+        return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one_process_of_eight_devices(corpus, tmp_path):
+    job = dict(TINY_MESH_JOB, data=corpus, mesh="data=4,model=2,context=1")
+    # In this process: 8 simulated devices (conftest), one (4, 2, 1) mesh.
+    single = tmp_path / "single"
+    train(TrainConfig(**job, run=str(single)), progress=False)
+
+    two = tmp_path / "two"
+    port = _free_port()
+    common = _flags(dict(job, run=str(two), coordinator=f"127.0.0.1:{port}"))
+    commands = [
+        [sys.executable, "-m", "eqx_mtp.train._cli", "train", *common]
+        + ["--num-processes=2", f"--process-id={i}"]
+        for i in range(2)
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    log_paths = [tmp_path / f"process{i}.log" for i in range(2)]
+    logs = [open(path, "w") for path in log_paths]
+    try:
+        codes = _run_processes(commands, env, logs, TIMEOUT_S)
+    finally:
+        for log in logs:
+            log.close()
+    output = "\n".join(path.read_text()[-3000:] for path in log_paths)
+    assert codes == [0, 0], output
+    # Only process 0 writes metrics, so one line per step, not two.
+    single_losses, two_losses = _losses(single), _losses(two)
+    assert sorted(two_losses) == list(range(1, 6)), output
+    for step in range(1, 6):
+        np.testing.assert_allclose(
+            two_losses[step], single_losses[step], rtol=1e-5, err_msg=f"step {step}"
+        )
+    assert (two / "losses.png").is_file() and (two / "summary.json").is_file()
+
+    # Saved from 8 devices in 2 processes, restored in this one onto one device.
+    restored, _ = eqx_mtp.load_checkpoint(two)
+    reference, _ = eqx_mtp.load_checkpoint(single)
+    assert tree_allclose(restored, reference, rtol=1e-5, atol=1e-7)
+    assert len(restored.trunk.embedding.sharding.device_set) == 1
+
+
+def test_mesh_job_equals_one_device_job(corpus, tmp_path):
+    """Every device on a (2, 2, 2) mesh (documents straddle the context shards, the
+    vocabulary of 259 is padded over `model`), with gradient accumulation: the
+    losses and final parameters of the one-device run."""
+    job = dict(TINY_MESH_JOB, data=corpus, steps=3, micro_batches=2, batch_size=8)
+    meshed, plain = tmp_path / "meshed", tmp_path / "plain"
+    train(
+        TrainConfig(**job, run=str(meshed), mesh="data=2,model=2,context=2"),
+        progress=False,
+    )
+    train(TrainConfig(**job, run=str(plain), num_devices=1), progress=False)
+    meshed_losses, plain_losses = _losses(meshed), _losses(plain)
+    assert sorted(meshed_losses) == [1, 2, 3]
+    for step in meshed_losses:
+        np.testing.assert_allclose(
+            meshed_losses[step], plain_losses[step], rtol=1e-5, err_msg=f"step {step}"
+        )
+    model_a, _ = eqx_mtp.load_checkpoint(meshed)
+    model_b, _ = eqx_mtp.load_checkpoint(plain)
+    assert tree_allclose(model_a, model_b, rtol=1e-5, atol=1e-7)
