@@ -12,7 +12,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._mesh import CONTEXT, DATA, batch_sharding, check_batch_fits_mesh, check_mesh
+from ._mesh import (
+    CONTEXT,
+    DATA,
+    MODEL,
+    batch_sharding,
+    check_batch_fits_mesh,
+    check_mesh,
+)
 from ._model import MTPModel
 from ._mtp import mtp_depth_losses
 from ._schedule import MTPWeight
@@ -147,6 +154,14 @@ def mtp_loss_sums(
         # depths train against a frozen trunk.
         trunk_arrays, trunk_static = eqx.partition(trunk, eqx.is_array)
         trunk = eqx.combine(jax.lax.stop_gradient(trunk_arrays), trunk_static)
+    if mesh is not None:
+        # FSDP: the embedding is gathered over `data` before the lookups (of the
+        # trunk and of the sequential depths). Looked up while its width is still
+        # split, the gathered rows would come out split by width and be replicated
+        # whole to reach the batch's layout.
+        trunk = eqx.tree_at(
+            lambda t: t.embedding, trunk, _gathered_over_data(trunk.embedding, mesh)
+        )
     hidden = jax.vmap(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
         tokens, positions, segment_ids
     )
@@ -192,6 +207,13 @@ def _constrain(arrays, sharding):
     return tuple(
         None if x is None else jax.lax.with_sharding_constraint(x, sharding)
         for x in arrays
+    )
+
+
+def _gathered_over_data(embedding: Array, mesh: Mesh) -> Array:
+    vocab_axis = MODEL if embedding.shape[0] % mesh.shape[MODEL] == 0 else None
+    return jax.lax.with_sharding_constraint(
+        embedding, NamedSharding(mesh, PartitionSpec(vocab_axis, None))
     )
 
 
