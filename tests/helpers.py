@@ -1,5 +1,13 @@
 """Helpers shared by the tests."""
 
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import time
+
 import equinox as eqx
 
 import eqx_mtp
@@ -25,3 +33,60 @@ def tiny_config(**overrides) -> eqx_mtp.ModelConfig:
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-6) -> bool:
     """Same structure and every array leaf close."""
     return bool(eqx.tree_equal(x, y, rtol=rtol, atol=atol))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def job_flags(values: dict) -> list[str]:
+    """`eqx-mtp train` flags for a dict of `TrainConfig` fields."""
+    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()] + [
+        "--no-progress"
+    ]
+
+
+def logged_losses(run) -> list[tuple[int, list[float]]]:
+    """`(step, [loss, main, depth 1, ...])` of every training line of a run's
+    `metrics.jsonl`, in the order written (a restarted run repeats steps)."""
+    records = []
+    for line in (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by SIGKILL
+    return [
+        (r["step"], [r["loss"], *r["depth_losses"]]) for r in records if "eval" not in r
+    ]
+
+
+def start_process(command, *, env=None, log=None) -> subprocess.Popen:
+    """Start `command` in a process group of its own (so that it and its children
+    can be killed together), its output to `log`."""
+    return subprocess.Popen(
+        command,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def kill_group(process: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    """Send `sig` to `process`'s group if it is still running, and reap it."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+    if sig == signal.SIGKILL:
+        process.wait()
+
+
+def wait_all(processes, timeout: float) -> list[int]:
+    """Exit codes of `processes`, waiting at most `timeout` seconds for them all."""
+    deadline = time.monotonic() + timeout
+    return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]

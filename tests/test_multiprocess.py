@@ -2,18 +2,20 @@
 numbers: two local CPU processes (gloo collectives, loopback only, 4 devices each)
 train like one process of 8 devices, and their checkpoint restores in one process."""
 
-import json
 import os
-import pathlib
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
-from helpers import tree_allclose
+from helpers import (
+    free_port,
+    job_flags,
+    kill_group,
+    logged_losses,
+    start_process,
+    tree_allclose,
+    wait_all,
+)
 
 import eqx_mtp
 from eqx_mtp.train._job import TrainConfig, train
@@ -39,49 +41,21 @@ TINY_MESH_JOB = dict(
 )
 
 
-def _flags(values: dict) -> list[str]:
-    return [f"--{name.replace('_', '-')}={value}" for name, value in values.items()] + [
-        "--no-progress"
-    ]
-
-
 def _losses(run) -> dict[int, list[float]]:
-    lines = (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()
-    return {
-        r["step"]: [r["loss"], *r["depth_losses"]]
-        for r in map(json.loads, lines)
-        if "eval" not in r
-    }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return dict(logged_losses(run))
 
 
 def _run_processes(commands, env, logs, timeout):
-    """Start every command in its own process group; wait for all, bounded in time;
-    kill whatever is left on any failure. Returns the exit codes."""
+    """Start every command; wait for all, bounded in time; kill whatever is left on
+    any failure. Returns the exit codes."""
     processes = []
     try:
         for command, log in zip(commands, logs):
-            processes.append(
-                subprocess.Popen(
-                    command,
-                    env=env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        deadline = time.monotonic() + timeout
-        return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
+            processes.append(start_process(command, env=env, log=log))
+        return wait_all(processes, timeout)
     finally:
         for p in processes:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            kill_group(p)
 
 
 @pytest.mark.slow
@@ -92,8 +66,8 @@ def test_two_processes_train_like_one_process_of_eight_devices(corpus, tmp_path)
     train(TrainConfig(**job, run=str(single)), progress=False)
 
     two = tmp_path / "two"
-    port = _free_port()
-    common = _flags(dict(job, run=str(two), coordinator=f"127.0.0.1:{port}"))
+    port = free_port()
+    common = job_flags(dict(job, run=str(two), coordinator=f"127.0.0.1:{port}"))
     commands = [
         [sys.executable, "-m", "eqx_mtp.train._cli", "train", *common]
         + ["--num-processes=2", f"--process-id={i}"]
