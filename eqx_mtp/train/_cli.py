@@ -9,12 +9,15 @@ import sys
 from ._checkpoint import CheckpointError
 from ._data import DataError
 from ._job import TrainConfig, UserError, load_config_file, train
+from ._preemption import EXIT_PREEMPTED, Preempted
 
 _HELP = {
     "data": "a directory of text files, a .txt or a .jsonl (field 'text'); "
     "default: the .py files of this Python's standard library",
     "run": "run directory (default runs/<timestamp>)",
-    "resume": "continue the run in --run (default: the newest under runs/)",
+    "resume": "must continue a checkpoint (of --run, default the newest run under "
+    "runs/); without it, --run DIR continues DIR's newest checkpoint if it holds one "
+    "and starts fresh if not",
     "mtp_weight": "λ: a float, or a schedule '0.3@0,0.1@800'",
     "micro_batches": "gradient accumulation: split each batch into this many parts",
     "mesh": "device mesh, e.g. 'data=4,model=2,context=1' (default: every device "
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, DataError, CheckpointError) as error:
         print(f"eqx-mtp {command}: error: {error}", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        print(f"eqx-mtp {command}: {stopped}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"eqx-mtp {command}: interrupted", file=sys.stderr)
         return 130

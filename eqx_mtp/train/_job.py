@@ -35,6 +35,7 @@ from ._data import (
 )
 from ._distributed import global_array, initialize, is_primary, process_box
 from ._eval import evaluate
+from ._preemption import Preempted, StopRequests
 from ._train_step import make_optimizer, train_step
 
 
@@ -279,7 +280,8 @@ def _log(metrics_file, record: dict) -> None:
 def train(
     config: TrainConfig, *, stop_after: int | None = None, progress: bool = True
 ) -> dict:
-    """Run (or resume) a training job and return its summary.
+    """Start a training job, or continue it from the newest checkpoint of its run
+    directory that loads, and return its summary.
 
     **Arguments:**
 
@@ -292,6 +294,11 @@ def train(
 
     A dict with the run directory, the final step, the last training metrics, the
     final eval and the mean tokens/s.
+
+    **Raises:**
+
+    `Preempted` when SIGTERM or SIGINT stopped the run (in any of its processes): the
+    step it was at is checkpointed, and the same call continues it.
     """
     model_config = config.model_config()
     try:
@@ -307,12 +314,10 @@ def train(
     _check_batch_fits(config, mesh)
     primary = is_primary()
     run = _resolve_run_directory(config)
-    if _has_checkpoints(run) and not config.resume:
-        raise UserError(
-            f"--run {run} already holds checkpoints; pass --resume to continue it or "
-            "choose another --run (nothing was overwritten)"
-        )
-    if config.resume and not _has_checkpoints(run):
+    # Start or continue, as MaxText and Levanter do: a scheduler restarts a
+    # preempted job with the command that first launched it.
+    continuing = _has_checkpoints(run)
+    if config.resume and not continuing:
         raise UserError(f"--resume: no checkpoint to continue in {run}")
 
     documents = load_documents(config.data)
@@ -356,7 +361,7 @@ def train(
     stored_config = _stored_config(config)
     checkpointer = Checkpointer(run / "checkpoints", keep=config.keep)
     start_step = 0
-    if config.resume:
+    if continuing:
         try:
             restored = checkpointer.restore(
                 model_config=model_config,
@@ -376,9 +381,14 @@ def train(
         )
         print("eqx-mtp train: effective config", file=sys.stderr)
         print(json.dumps(dataclasses.asdict(config), indent=2), file=sys.stderr)
+        how = (
+            f"continuing from the checkpoint of step {start_step}"
+            if continuing
+            else "starting fresh (no checkpoint)"
+        )
         print(
-            f"run directory: {run}, starting at step {start_step}, mesh "
-            f"{dict(mesh.shape)} over {jax.process_count()} process(es)",
+            f"run directory: {run}, {how}; mesh {dict(mesh.shape)} over "
+            f"{jax.process_count()} process(es)",
             file=sys.stderr,
         )
 
@@ -406,8 +416,10 @@ def train(
         return result
 
     metrics_path = run / "metrics.jsonl"
+    preempted_at = None
     with (
-        open(metrics_path, "a") if primary else _Discard() as metrics_file,
+        StopRequests() as stops,
+        _open_metrics(metrics_path) if primary else _Discard() as metrics_file,
         tqdm(
             total=config.steps,
             initial=start_step,
@@ -475,13 +487,26 @@ def train(
                         f"bits/byte, depth losses "
                         f"{_format_losses(result['depth_losses'])}"
                     )
-            if config.save_every and step % config.save_every == 0 and step < last_step:
+            saved = (
+                config.save_every and step % config.save_every == 0 and step < last_step
+            )
+            if saved:
                 save(step, eval_loss)
+            if stops.agreed():
+                if not saved:
+                    save(step)
+                _log(metrics_file, last_metrics)
+                preempted_at = step
+                break
         final_step = max(last_step, start_step)
-        if final_step > start_step or not checkpointer.steps():
+        if preempted_at is None and (
+            final_step > start_step or not checkpointer.steps()
+        ):
             final_eval = run_eval(final_step)
             save(final_step, final_eval["depth_losses"][0])
     checkpointer.close()
+    if preempted_at is not None:
+        raise Preempted(preempted_at, stops.signal_name)
 
     summary = dict(
         run=str(run),
@@ -497,6 +522,17 @@ def train(
         plot_losses(metrics_path, run / "losses.png")
         print(format_summary(summary))
     return summary
+
+
+def _open_metrics(path: pathlib.Path):
+    """Open the metrics log for appending, on a line of its own: a process killed
+    mid-write leaves a partial last line, which readers skip."""
+    metrics_file = open(path, "a+")
+    if metrics_file.tell():
+        metrics_file.seek(metrics_file.tell() - 1)
+        if metrics_file.read(1) != "\n":
+            metrics_file.write("\n")
+    return metrics_file
 
 
 class _Discard:

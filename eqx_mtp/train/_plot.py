@@ -11,9 +11,10 @@ def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     """Training records and eval records of a `metrics.jsonl`."""
     train, evals = [], []
     for line in pathlib.Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # empty, or a line cut short when the process was killed
         (evals if "eval" in record else train).append(record)
     return train, evals
 
