@@ -223,3 +223,20 @@ def test_config_file_and_flags(corpus, tmp_path):
     assert stored["model"]["dim"] == 32  # from the file
     assert stored["model"]["num_depths"] == 2  # the flag wins
     shutil.rmtree(run)
+
+
+def test_a_run_killed_during_its_first_save_starts_fresh(corpus, tmp_path, capsys):
+    """Orbax writes a checkpoint under a temporary name and renames it when complete:
+    a first save cut short leaves only the temporary directory, which is not a
+    checkpoint, so the same command starts afresh (instead of refusing, or loading
+    half a checkpoint) and then matches an uninterrupted run."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(_config(corpus, straight, steps=2, save_every=0), progress=False)
+    train(_config(corpus, run, steps=1, save_every=0), progress=False)
+    checkpoints = run / "checkpoints"
+    (checkpoints / "1").rename(checkpoints / "1.orbax-checkpoint-tmp-1234567")
+    (run / "metrics.jsonl").unlink()
+    capsys.readouterr()
+    train(_config(corpus, run, steps=2, save_every=0), progress=False)
+    assert "starting fresh" in capsys.readouterr().err
+    assert _train_losses(run) == _train_losses(straight)
