@@ -66,16 +66,22 @@ def model_parser(
 
 
 def model_config(
-    args, *, vocab: int, num_depths: int, **options
+    args,
+    *,
+    vocab: int,
+    num_depths: int,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    **options,
 ) -> eqx_mtp.ModelConfig:
     """The benchmarked model: the sizes from `args` (see `model_parser`), 4 query and
-    2 key/value heads, rows of exactly `args.seq` tokens."""
+    2 key/value heads unless told, rows of exactly `args.seq` tokens."""
     return eqx_mtp.ModelConfig(
         vocab_size=vocab,
         dim=args.dim,
         num_layers=args.layers,
-        num_heads=4,
-        num_kv_heads=2,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
         mlp_dim=args.mlp_dim,
         max_seq_len=args.seq,
         num_depths=num_depths,
