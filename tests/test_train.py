@@ -127,6 +127,21 @@ def test_damaged_latest_checkpoint_falls_back(corpus, tmp_path):
         restored = Checkpointer(directory).restore(model_config=model_config)
     assert restored.step == 2
 
+    # The same command continues from step 2: the damaged step 4 is kept aside (not
+    # deleted, not in the way of the new step 4), and the run ends as if nothing
+    # had happened.
+    straight = tmp_path / "straight"
+    train(_config(corpus, straight, steps=6, save_every=2), progress=False)
+    with pytest.warns(UserWarning, match="step 4"):
+        train(_config(corpus, run, steps=6, save_every=2), progress=False)
+    assert (run / "damaged-checkpoints" / "4" / "model").is_dir()
+    assert Checkpointer(directory).steps() == [2, 4, 6]
+    losses, expected = _train_losses(run), _train_losses(straight)
+    assert all(losses[step] == expected[step] for step in range(3, 7))
+    model, _ = eqx_mtp.load_checkpoint(run)
+    reference, _ = eqx_mtp.load_checkpoint(straight)
+    assert tree_allclose(model, reference, rtol=0, atol=0)
+
 
 def test_checkpoint_from_another_config_is_refused(corpus, tmp_path):
     run = tmp_path / "run"

@@ -22,6 +22,7 @@ from ._data import (
 )
 from ._eval import evaluate as evaluate
 from ._job import TrainConfig as TrainConfig, train as train
+from ._preemption import EXIT_PREEMPTED as EXIT_PREEMPTED, Preempted as Preempted
 from ._train_step import (
     accumulated_loss_and_grad as accumulated_loss_and_grad,
     make_optimizer as make_optimizer,

@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, SingleDeviceSharding
 from jaxtyping import PyTree
 from orbax.checkpoint.checkpoint_managers import preservation_policy
@@ -162,6 +163,33 @@ class Checkpointer:
         """Finish pending saves and release the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+    def set_aside_after(self, step: int, destination: str | os.PathLike) -> list[int]:
+        """Move the checkpoints newer than `step` (ones that failed to restore, so
+        that a run fell back to `step`) into `destination`, where they are kept, out
+        of this manager's sight: later saves of those steps, and keep-last-N, then
+        see only checkpoints that load. Call it in every process of a run.
+
+        **Returns:**
+
+        The steps moved.
+        """
+        newer = [s for s in self.steps() if s > step]
+        if newer and jax.process_index() == 0:
+            destination = pathlib.Path(destination)
+            destination.mkdir(parents=True, exist_ok=True)
+            for moved in newer:
+                target = destination / str(moved)
+                suffix = 0
+                while target.exists():
+                    suffix += 1
+                    target = destination / f"{moved}.{suffix}"
+                os.replace(self.directory / str(moved), target)
+        if newer:
+            if jax.process_count() > 1:
+                multihost_utils.sync_global_devices("eqx_mtp set aside checkpoints")
+            self._manager.reload()
+        return newer
 
     def read_config(self, step: int) -> dict:
         """The configuration stored with checkpoint `step`."""

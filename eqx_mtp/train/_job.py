@@ -38,6 +38,8 @@ from ._eval import evaluate
 from ._preemption import Preempted, StopRequests
 from ._train_step import make_optimizer, train_step
 
+DAMAGED_DIRECTORY = "damaged-checkpoints"
+
 
 class UserError(Exception):
     """Bad input to the training job: reported as one line, without a traceback."""
@@ -375,6 +377,13 @@ def train(
         model, opt_state, rng = restored.model, restored.opt_state, restored.rng
         batches.set_state(restored.data_state)
         start_step = restored.step
+        set_aside = checkpointer.set_aside_after(start_step, run / DAMAGED_DIRECTORY)
+        if set_aside and primary:
+            print(
+                f"checkpoints of steps {set_aside} did not load; kept under "
+                f"{run / DAMAGED_DIRECTORY}",
+                file=sys.stderr,
+            )
     if primary:
         write_json(
             run / "config.json", dict(stored_config, run=dataclasses.asdict(config))
