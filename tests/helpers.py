@@ -12,6 +12,23 @@ import equinox as eqx
 
 import eqx_mtp
 
+TINY_JOB = dict(
+    seq_len=16,
+    dim=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_dim=24,
+    num_depths=2,
+    warmup_steps=2,
+    eval_every=0,
+    eval_batches=1,
+    log_every=1,
+    eval_fraction=0.2,
+)
+"""`TrainConfig` fields of a job small enough to compile in seconds: byte rows of 16
+tokens, one layer of width 16, 2 depths, a metrics line every step, no periodic eval."""
+
 
 def tiny_config(**overrides) -> eqx_mtp.ModelConfig:
     """A model small enough to compile in seconds: vocabulary 19, dim 16, one layer,

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 from helpers import (
+    TINY_JOB,
     free_port,
     job_flags,
     kill_group,
@@ -23,21 +24,10 @@ from eqx_mtp.train._job import TrainConfig, train
 TIMEOUT_S = 110
 
 TINY_MESH_JOB = dict(
+    TINY_JOB,
     steps=5,
     batch_size=8,
-    seq_len=16,
-    dim=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    mlp_dim=24,
-    num_depths=2,
-    warmup_steps=2,
-    eval_every=0,
-    eval_batches=1,
     save_every=0,
-    log_every=1,
-    eval_fraction=0.2,
 )
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from helpers import (
+    TINY_JOB,
     free_port,
     job_flags,
     kill_group,
@@ -26,22 +27,11 @@ from eqx_mtp.train._job import TrainConfig, train
 from eqx_mtp.train._preemption import EXIT_PREEMPTED
 
 JOB = dict(
+    TINY_JOB,
     steps=12,
     batch_size=4,
-    seq_len=16,
-    dim=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    mlp_dim=24,
-    num_depths=2,
-    warmup_steps=2,
-    eval_every=0,
-    eval_batches=1,
     save_every=1,
     keep=2,
-    log_every=1,
-    eval_fraction=0.2,
 )
 CLI = [sys.executable, "-m", "eqx_mtp.train._cli", "train"]
 

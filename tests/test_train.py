@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config, tree_allclose
+from helpers import TINY_JOB, tiny_config, tree_allclose
 
 import eqx_mtp
 from eqx_mtp.train._checkpoint import Checkpointer
@@ -18,21 +18,10 @@ from eqx_mtp.train._job import TrainConfig, UserError, train
 from eqx_mtp.train._train_step import accumulated_loss_and_grad
 
 TINY = dict(
+    TINY_JOB,
     steps=6,
     batch_size=4,
-    seq_len=16,
-    dim=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    mlp_dim=24,
-    num_depths=2,
-    warmup_steps=2,
-    eval_every=0,
-    eval_batches=1,
     save_every=3,
-    log_every=1,
-    eval_fraction=0.2,
     num_devices=1,
 )
 
