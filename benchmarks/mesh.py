@@ -128,7 +128,7 @@ def collective_terms(
     bytes_per_param: int = 4,
     bytes_per_activation: int = 4,
     gradient_collective: str = "all-reduce",
-    context_attention: str = "xla",
+    context_attention: str = "kv_gather",
 ) -> list[dict]:
     """The collectives of one `eqx_mtp.train_step` of a Llama-style trunk with
     `num_depths` sequential transformer MTP depths (tied embeddings, `loss_impl=
@@ -190,10 +190,18 @@ def collective_terms(
     axis, 4 bytes, is left out.
 
     **Context parallelism** (`context > 1`), per block per micro-batch, on the
-    `[R, S]` query rows of a device, heads split `m_q` ways. `context_attention=
-    "xla"`, what XLA's partitioner does with the library's attention under `jit`: the
-    logits stay sharded by *keys* (a device's keys and values never move), so the
-    queries are gathered and everything contracted over keys is a partial sum:
+    `[R, S]` query rows of a device. `context_attention="kv_gather"`, what the library
+    does (its attention constrains keys, values and key segment ids to be whole along
+    the sequence): all-gather the keys and values once in the forward pass
+    (`2 · R·S·kv/m_kv · b_a`; XLA keeps the gathered copies for the backward), and
+    reduce their gradients over `context` once (`2 · R·S·kv/m_kv · b_a`, by
+    `gradient_collective`). The key segment ids are integers (not modelled).
+
+    `context_attention="xla"`, what XLA's partitioner did with the attention left
+    unconstrained (the library before it gathered keys and values; kept for the
+    comparison in `docs/scaling.md`), heads split `m_q` ways: the logits stay sharded
+    by *keys*, so the queries are gathered and everything contracted over keys is a
+    partial sum:
 
     - forward: all-gather the queries (`R·S·q/m_q · b_a`), all-reduce the softmax's
         max and sum (`2 · R·h/m_q·S · 4`, float32 logits) and all-gather the
@@ -206,10 +214,6 @@ def collective_terms(
         query-sharded layouts with two all-to-alls, `2 · R·h/m_q·S·(S/context) · 4`
         (float32, as the logits): quadratic in the sequence, the largest term at
         long context.
-
-    `context_attention="kv_gather"` is the textbook alternative (not what XLA does
-    here): all-gather the keys and values (`2 · R·S·kv/m_kv · b_a`) forward and again
-    backward, reduce-scatter their gradients (`2 · R·S·kv/m_kv · b_a`).
 
     **Not modelled:** integer collectives (token and segment ids, flags: reported
     apart by the benchmark) and XLA's resharding of `eh_proj` by collective-permutes
@@ -419,15 +423,15 @@ def collective_terms(
                 2 * M * query_rows * kv_width // _shards(kv_width, model) * act
             )
             add(
-                "context: keys and values, forward + backward",
+                "context: keys and values, gathered once (kept for the backward)",
                 "context",
                 "all-gather",
-                blocks * 2 * keys_values,
+                blocks * keys_values,
             )
             add(
                 "context: key and value gradients",
                 "context",
-                "reduce-scatter",
+                gradient_collective,
                 blocks * keys_values,
             )
     return terms
@@ -1019,9 +1023,10 @@ def pod_report(costs: list[dict], rows: int = 1024, seq: int = 4096) -> str:
         ]
         lines += [title, "", _common.markdown_table(header, table), ""]
     lines.append(
-        "`xla`: context attention as XLA partitions the library's attention under "
-        "`jit` (what the benchmark measures); `kv_gather`: keys and values gathered "
-        "instead (not what the library does today)."
+        "`kv_gather`: what the library does (keys, values and key segment ids "
+        "gathered over `context`; what the benchmark measures); `xla`: attention "
+        "left unconstrained to XLA's partitioner, which splits the logits by key "
+        "(the library before it gathered keys and values)."
     )
     return "\n".join(lines)
 

@@ -19,6 +19,8 @@ from ._mesh import (
     batch_sharding,
     check_batch_fits_mesh,
     check_mesh,
+    map_rows,
+    tracing_on,
 )
 from ._model import MTPModel
 from ._mtp import mtp_depth_losses
@@ -162,9 +164,10 @@ def mtp_loss_sums(
         trunk = eqx.tree_at(
             lambda t: t.embedding, trunk, _gathered_over_data(trunk.embedding, mesh)
         )
-    hidden = jax.vmap(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
-        tokens, positions, segment_ids
-    )
+    with tracing_on(mesh):
+        hidden = map_rows(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
+            tokens, positions, segment_ids
+        )
     if mesh is not None:
         (hidden,) = _constrain(
             (hidden,), NamedSharding(mesh, PartitionSpec(DATA, CONTEXT, None))

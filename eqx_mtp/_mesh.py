@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -123,3 +124,41 @@ def check_mesh(mesh) -> None:
             f"mesh must have the axes {MESH_AXES} (eqx_mtp.make_mesh), got "
             f"{tuple(mesh.axis_names)}"
         )
+
+
+def _active_mesh_axis(name: str) -> int:
+    """The size of axis `name` of the mesh that [`eqx_mtp.mtp_loss_sums`][] set for
+    tracing (`jax.sharding.use_abstract_mesh`), or 0 outside one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or name not in mesh.axis_names:
+        return 0
+    return mesh.shape[name]
+
+
+def tracing_on(mesh: Mesh | None):
+    """A context in which the per-row code below sees `mesh` (nothing for `None`)."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def map_rows(fn: Callable) -> Callable:
+    """`jax.vmap(fn)` over the rows of a batch; on a mesh (see `tracing_on`) the rows
+    are named as split over `data`, so the sharding constraints of `fn`'s per-row code
+    keep them split."""
+    return jax.vmap(fn, spmd_axis_name=DATA if _active_mesh_axis(DATA) else None)
+
+
+def gathered_over_context(x, *, head_axis: int | None = None):
+    """One row's `[seq, ...]` array whole along its sequence axis (axis 0), on a mesh
+    whose `context` axis splits the sequence: the keys, values and key segment ids
+    that attention gathers so that every query shard sees its whole row. The heads
+    (`head_axis`) stay split over `model` where it divides them. Outside a mesh, or
+    with `context` of size 1, `x` unchanged."""
+    if _active_mesh_axis(CONTEXT) <= 1:
+        return x
+    spec = [None] * x.ndim
+    model = _active_mesh_axis(MODEL)
+    if head_axis is not None and model > 1 and x.shape[head_axis] % model == 0:
+        spec[head_axis] = MODEL
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))

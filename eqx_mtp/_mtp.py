@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import MTPKind, RematPolicy
 from ._fused_ce import DEFAULT_CHUNK_SIZE
+from ._mesh import map_rows, tracing_on
 from ._roll import roll_and_mask
 from ._targets import depth_targets, segment_positions
 from ._transformer import (
@@ -248,7 +249,7 @@ def scan_depths(
         def one_row(h, e, p, s):
             return depth(h, e, positions=p, segment_ids=s, layer=shared_layer)
 
-        h_k = jax.vmap(one_row)(source, next_embeddings, positions, segment_ids)
+        h_k = map_rows(one_row)(source, next_embeddings, positions, segment_ids)
         norm = final_norm if depth.norm is None else depth.norm
         return h_k, norm(h_k)
 
@@ -332,13 +333,14 @@ def mtp_depth_losses(
             impl=loss_impl,
         )
 
-    return scan_depths(
-        depths,
-        hidden,
-        tokens,
-        embedding=embedding,
-        final_norm=final_norm,
-        readout=readout,
-        segment_ids=segment_ids,
-        positions=positions,
-    )
+    with tracing_on(mesh):
+        return scan_depths(
+            depths,
+            hidden,
+            tokens,
+            embedding=embedding,
+            final_norm=final_norm,
+            readout=readout,
+            segment_ids=segment_ids,
+            positions=positions,
+        )

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from ._config import ModelConfig, RematPolicy
+from ._mesh import gathered_over_context
 
 
 class RMSNorm(eqx.Module):
@@ -142,8 +143,14 @@ class Attention(eqx.Module):
         segment_ids: Int[Array, " seq"],
     ) -> Float[Array, "seq dim"]:
         q, k, v = self.project(x, positions)
+        # Context parallelism: each query shard attends to the whole row's keys.
+        # Gathering keys and values costs O(seq · kv_dim) per layer; left to itself,
+        # the partitioner splits the logits by key and exchanges O(seq²) gradients.
+        k = gathered_over_context(k, head_axis=1)
+        v = gathered_over_context(v, head_axis=1)
+        key_segment_ids = gathered_over_context(segment_ids)
         index = jnp.arange(x.shape[0])
-        mask = attention_mask(segment_ids, segment_ids, index, index)
+        mask = attention_mask(segment_ids, key_segment_ids, index, index)
         out = grouped_attention(q, k, v, mask)
         return dense(self.o_proj, out.reshape(x.shape[0], -1))
 

@@ -13,6 +13,7 @@
 """
 
 import functools
+import re
 
 import equinox as eqx
 import hypothesis.strategies as st
@@ -169,6 +170,48 @@ def test_mtp_loss_on_mesh_equals_single_device(shape, num_depths, mtp_kind, loss
     assert tree_allclose(grads, expected_grads, rtol=1e-5)
     # Not a vacuous comparison of zeros: every parameter does get a gradient.
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(expected_grads))
+
+
+def test_context_parallel_attention_gathers_keys_and_values():
+    """On a `context` mesh each query shard attends to gathered keys and values. The
+    bug this catches: attention left to the partitioner keeps the logits split by key
+    and trades `[rows, heads, seq, seq / context]` probability gradients with
+    floating-point all-to-alls (quadratic in the row length). Rows of 256 tokens: at
+    a few tokens per shard the partitioner gathers whole rows by itself, and the
+    test could not fail."""
+    config = tiny_config(
+        vocab_size=64,
+        dim=64,
+        num_heads=4,
+        num_kv_heads=4,
+        mlp_dim=128,
+        max_seq_len=256,
+        num_layers=2,
+        num_depths=1,
+    )
+    mesh = eqx_mtp.make_mesh(1, 1, 8)
+    model = eqx_mtp.shard_tree(random_model(config), mesh)
+    tokens = jax.random.randint(jax.random.key(0), (8, 256), 0, 64)
+    tokens = jax.device_put(tokens, eqx_mtp.batch_sharding(mesh))
+
+    def loss(m, tokens):
+        return jnp.sum(eqx_mtp.mtp_loss_sums(m, tokens, mesh=mesh)[0])
+
+    hlo = (
+        eqx.filter_jit(eqx.filter_grad(loss))
+        .lower(model, tokens)
+        .compile()
+        .compiled.as_text()
+    )
+    lines = hlo.splitlines()
+    # An all-to-all's result may be one array or a tuple of them.
+    exchanges = [
+        line for line in lines if re.search(r"= \(?f32\[.* all-to-all\(", line)
+    ]
+    assert not exchanges, exchanges[:2]
+    # Keys and values of whole rows, [rows, seq, kv_heads, head_dim], gathered.
+    whole_rows = r"= f32\[8,256,4,16\][^ ]* all-gather\("
+    assert any(re.search(whole_rows, line) for line in lines), "no K/V all-gather"
 
 
 def test_mesh_loss_sums_equal_loop_reference():
