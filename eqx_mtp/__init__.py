@@ -1,5 +1,6 @@
 """Multi-Token Prediction for Equinox/JAX language models."""
 
+from ._blockwise import blockwise_attention as blockwise_attention
 from ._config import ModelConfig as ModelConfig
 from ._cross_entropy import head_loss_sum as head_loss_sum
 from ._fused_ce import fused_cross_entropy as fused_cross_entropy

@@ -9,11 +9,13 @@ MTPKind = Literal["sequential", "parallel"]
 MTPBlock = Literal["transformer", "mlp", "linear"]
 RematPolicy = Literal["none", "full", "save_dots"]
 LossImpl = Literal["fused", "chunked", "naive"]
+AttentionImpl = Literal["reference", "blockwise"]
 
 _MTP_KINDS = ("sequential", "parallel")
 _MTP_BLOCKS = ("transformer", "mlp", "linear")
 _REMAT_POLICIES = ("none", "full", "save_dots")
 LOSS_IMPLS = ("fused", "chunked", "naive")
+ATTENTION_IMPLS = ("reference", "blockwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,10 @@ class ModelConfig:
     - `loss_impl`: the cross-entropy implementation, see [`eqx_mtp.head_loss_sum`][]:
         `"fused"` (gradients accumulated in the forward pass), `"chunked"` (logits
         recomputed in the backward pass) or `"naive"` (full logits).
+    - `attention_impl`: `"reference"` (the materialised `[heads, seq, seq]`
+        softmax) or `"blockwise"` ([`eqx_mtp.blockwise_attention`][]: tiles of
+        `attention_block_size`, memory linear in the row length, the same values).
+    - `attention_block_size`: query and key tile size of the blockwise attention.
     - `train_depths_only`: stop gradients at the trunk: the trunk's parameters,
         including the shared embedding, unembedding and final norm, get exactly zero
         gradient, and only the depths learn.
@@ -78,10 +84,17 @@ class ModelConfig:
     loss_chunk_size: int = 256
     loss_impl: str = "fused"
     train_depths_only: bool = False
+    attention_impl: str = "reference"
+    attention_block_size: int = 128
 
     def __post_init__(self):
         positive = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads")
-        for name in positive + ("mlp_dim", "max_seq_len", "loss_chunk_size"):
+        for name in positive + (
+            "mlp_dim",
+            "max_seq_len",
+            "loss_chunk_size",
+            "attention_block_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(
@@ -128,6 +141,7 @@ class ModelConfig:
         _check_choice("mtp_block", self.mtp_block, _MTP_BLOCKS)
         _check_choice("remat", self.remat, _REMAT_POLICIES)
         _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         if not isinstance(self.train_depths_only, bool):
             raise ValueError(
                 "ModelConfig.train_depths_only must be a bool, "

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from ._blockwise import blockwise_attention
 from ._config import ModelConfig, RematPolicy
 from ._mesh import gathered_over_context
 
@@ -105,6 +106,8 @@ class Attention(eqx.Module):
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
     rope_theta: float = eqx.field(static=True)
+    impl: str = eqx.field(static=True)
+    block_size: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         q_key, k_key, v_key, o_key = jax.random.split(key, 4)
@@ -117,6 +120,8 @@ class Attention(eqx.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.rope_theta = config.rope_theta
+        self.impl = config.attention_impl
+        self.block_size = config.attention_block_size
 
     def project(
         self, x: Float[Array, "seq dim"], positions: Int[Array, " seq"]
@@ -149,9 +154,20 @@ class Attention(eqx.Module):
         k = gathered_over_context(k, head_axis=1)
         v = gathered_over_context(v, head_axis=1)
         key_segment_ids = gathered_over_context(segment_ids)
-        index = jnp.arange(x.shape[0])
-        mask = attention_mask(segment_ids, key_segment_ids, index, index)
-        out = grouped_attention(q, k, v, mask)
+        if self.impl == "blockwise":
+            out = blockwise_attention(
+                q,
+                k,
+                v,
+                query_segment_ids=segment_ids,
+                key_segment_ids=key_segment_ids,
+                block_q=self.block_size,
+                block_k=self.block_size,
+            )
+        else:
+            index = jnp.arange(x.shape[0])
+            mask = attention_mask(segment_ids, key_segment_ids, index, index)
+            out = grouped_attention(q, k, v, mask)
         return dense(self.o_proj, out.reshape(x.shape[0], -1))
 
 
