@@ -228,3 +228,25 @@ def test_bad_attention_input():
             key_segment_ids=segments,
             block_q=0,
         )
+
+
+def test_blockwise_attention_on_a_context_mesh():
+    """Rows split over `context` (keys and values gathered, then tiled): the loss and
+    gradients of one device, D = 2, documents straddling the shards."""
+    model = random_model(
+        tiny_config(num_depths=2, attention_impl="blockwise", attention_block_size=4)
+    )
+    rng = np.random.default_rng(3)
+    tokens = jnp.asarray(rng.integers(0, 19, (2, 16)), jnp.int32)
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 6 + [3] * 5, [1] * 13 + [0] * 3])
+
+    def loss(model, mesh):
+        return eqx_mtp.mtp_loss(
+            model, tokens, segment_ids=segment_ids, mtp_weight=0.3, mesh=mesh
+        )[0]
+
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+    expected = value_and_grad(model, None)
+    mesh = eqx_mtp.make_mesh(2, 1, 4)
+    got = value_and_grad(eqx_mtp.shard_tree(model, mesh), mesh)
+    assert tree_allclose(got, expected, rtol=1e-5, atol=1e-6)
