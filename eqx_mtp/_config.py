@@ -9,13 +9,13 @@ MTPKind = Literal["sequential", "parallel"]
 MTPBlock = Literal["transformer", "mlp", "linear"]
 RematPolicy = Literal["none", "full", "save_dots"]
 LossImpl = Literal["fused", "chunked", "naive"]
-AttentionImpl = Literal["reference", "blockwise"]
+AttentionImpl = Literal["reference", "blockwise", "auto", "pallas_gpu", "splash_tpu"]
 
 _MTP_KINDS = ("sequential", "parallel")
 _MTP_BLOCKS = ("transformer", "mlp", "linear")
 _REMAT_POLICIES = ("none", "full", "save_dots")
 LOSS_IMPLS = ("fused", "chunked", "naive")
-ATTENTION_IMPLS = ("reference", "blockwise")
+ATTENTION_IMPLS = ("reference", "blockwise", "auto", "pallas_gpu", "splash_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +56,13 @@ class ModelConfig:
         `"fused"` (gradients accumulated in the forward pass), `"chunked"` (logits
         recomputed in the backward pass) or `"naive"` (full logits).
     - `attention_impl`: `"reference"` (the materialised `[heads, seq, seq]`
-        softmax) or `"blockwise"` ([`eqx_mtp.blockwise_attention`][]: tiles of
-        `attention_block_size`, memory linear in the row length, the same values).
+        softmax), `"blockwise"` ([`eqx_mtp.blockwise_attention`][]: tiles of
+        `attention_block_size`, memory linear in the row length, the same values),
+        a fused kernel shipped with JAX — `"pallas_gpu"` (Pallas GPU attention) or
+        `"splash_tpu"` (splash attention), both with segment ids, on one device of
+        their backend — or `"auto"`: the backend's kernel where it has one and the
+        block runs on one device, `"blockwise"` elsewhere. A kernel asked for on
+        another backend, or on a multi-device mesh, is an error that says so.
     - `attention_block_size`: query and key tile size of the blockwise attention.
     - `train_depths_only`: stop gradients at the trunk: the trunk's parameters,
         including the shared embedding, unembedding and final norm, get exactly zero

@@ -6,15 +6,18 @@ Every module acts on one example (`[seq, dim]`); batch with `jax.vmap`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._blockwise import blockwise_attention
+from ._attention import (
+    attend,
+    attention_mask as attention_mask,
+    grouped_attention as grouped_attention,
+)
 from ._config import ModelConfig, RematPolicy
 from ._mesh import gathered_over_context
 
@@ -57,43 +60,6 @@ def apply_rope(
     x2 = x[..., half:].astype(jnp.float32)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return rotated.astype(x.dtype)
-
-
-def attention_mask(
-    query_segment_ids: Int[Array, " seq"],
-    key_segment_ids: Int[Array, " keys"],
-    query_index: Int[Array, " seq"],
-    key_index: Int[Array, " keys"],
-) -> Bool[Array, "seq keys"]:
-    """Causal block-diagonal mask: a query sees earlier-or-equal keys of its segment.
-
-    Padding (segment 0) sees only padding; the diagonal is always visible, so no row of
-    the softmax is empty.
-    """
-    causal = key_index[None, :] <= query_index[:, None]
-    same_segment = key_segment_ids[None, :] == query_segment_ids[:, None]
-    return causal & same_segment
-
-
-def grouped_attention(
-    queries: Float[Array, "seq heads head_dim"],
-    keys: Float[Array, "keys kv_heads head_dim"],
-    values: Float[Array, "keys kv_heads head_dim"],
-    mask: Bool[Array, "seq keys"],
-) -> Float[Array, "seq heads head_dim"]:
-    """Softmax attention where each key/value head serves `heads / kv_heads` query
-    heads. Logits and softmax in float32."""
-    seq_len, num_heads, head_dim = queries.shape
-    num_kv_heads = keys.shape[1]
-    group = num_heads // num_kv_heads
-    q = queries.reshape(seq_len, num_kv_heads, group, head_dim)
-    logits = jnp.einsum(
-        "tkgd,skd->kgts", q, keys, preferred_element_type=jnp.float32
-    ) / math.sqrt(head_dim)
-    logits = jnp.where(mask[None, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    out = jnp.einsum("kgts,skd->tkgd", weights, values)
-    return out.reshape(seq_len, num_heads, head_dim)
 
 
 class Attention(eqx.Module):
@@ -154,20 +120,15 @@ class Attention(eqx.Module):
         k = gathered_over_context(k, head_axis=1)
         v = gathered_over_context(v, head_axis=1)
         key_segment_ids = gathered_over_context(segment_ids)
-        if self.impl == "blockwise":
-            out = blockwise_attention(
-                q,
-                k,
-                v,
-                query_segment_ids=segment_ids,
-                key_segment_ids=key_segment_ids,
-                block_q=self.block_size,
-                block_k=self.block_size,
-            )
-        else:
-            index = jnp.arange(x.shape[0])
-            mask = attention_mask(segment_ids, key_segment_ids, index, index)
-            out = grouped_attention(q, k, v, mask)
+        out = attend(
+            q,
+            k,
+            v,
+            segment_ids=segment_ids,
+            key_segment_ids=key_segment_ids,
+            impl=self.impl,
+            block_size=self.block_size,
+        )
         return dense(self.o_proj, out.reshape(x.shape[0], -1))
 
 

@@ -3,8 +3,6 @@ values and gradients over ragged row lengths, tile sizes, grouped heads, packed 
 with padding, key/value blocks from elsewhere, bfloat16; and a whole model whose
 attention is blockwise against the same model with the materialised one."""
 
-import math
-
 import equinox as eqx
 import hypothesis.strategies as st
 import jax
@@ -13,41 +11,14 @@ import numpy as np
 import pytest
 from helpers import tiny_config, tree_allclose
 from hypothesis import given, settings
-from reference import random_model, segment_rows
+from reference import (
+    naive_attention,
+    random_model,
+    segment_rows,
+    visible_reference,
+)
 
 import eqx_mtp
-
-
-def visible_reference(query_segments, key_segments, query_index, key_index):
-    """`visible[t, s]` by a Python loop: key `s` is in query `t`'s segment and not
-    after it (padding, segment 0, sees padding only, as in the trunk)."""
-    visible = np.zeros((len(query_segments), len(key_segments)), bool)
-    for t in range(len(query_segments)):
-        for s in range(len(key_segments)):
-            visible[t, s] = (
-                query_segments[t] == key_segments[s] and key_index[s] <= query_index[t]
-            )
-    return visible
-
-
-def naive_attention(queries, keys, values, visible):
-    """Head by head: `softmax(q k^T / sqrt(d))` over the visible keys only, in float32;
-    a query that sees no key gets zeros. Query head `h` reads key/value head
-    `h // (heads / kv_heads)`."""
-    num_heads, head_dim = queries.shape[1], queries.shape[2]
-    group = num_heads // keys.shape[1]
-    visible = jnp.asarray(visible)
-    heads = []
-    for h in range(num_heads):
-        q = queries[:, h].astype(jnp.float32)
-        k = keys[:, h // group].astype(jnp.float32)
-        v = values[:, h // group].astype(jnp.float32)
-        scores = jnp.where(visible, q @ k.T / math.sqrt(head_dim), -jnp.inf)
-        top = jnp.max(jnp.where(visible, scores, -1e30), axis=-1, keepdims=True)
-        weights = jnp.where(visible, jnp.exp(scores - top), 0.0)
-        total = jnp.sum(weights, axis=-1, keepdims=True)
-        heads.append((weights / jnp.where(total > 0, total, 1.0)) @ v)
-    return jnp.stack(heads, axis=1)
 
 
 def _inputs(rng, seq_len, num_heads, num_kv_heads, head_dim, dtype, num_keys=None):

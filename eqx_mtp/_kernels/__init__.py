@@ -1,0 +1,7 @@
+"""Fused attention kernels of accelerator backends, behind one calling convention:
+`kernel(queries [seq, heads, head_dim], keys, values [seq, kv_heads, head_dim], *,
+segment_ids [seq], block_size, interpret=False) -> [seq, heads, head_dim]`, causal
+self-attention over one packed row (a query sees the earlier keys of its segment)."""
+
+from ._pallas_gpu import pallas_gpu_attention as pallas_gpu_attention
+from ._splash_tpu import splash_tpu_attention as splash_tpu_attention
