@@ -190,6 +190,8 @@ def test_cli_bad_inputs(corpus, tmp_path, capsys):
     bad_config.write_text('{"no_such_field": 1}')
     assert "no_such_field" in _cli_error(capsys, ["--config", str(bad_config)])
     assert "mtp" in _cli_error(capsys, ["--data", corpus, "--mtp-weight", "0.3@x"])
+    message = _cli_error(capsys, ["--data", corpus, "--attention-impl", "flash"])
+    assert "attention_impl" in message and "blockwise" in message
 
 
 def test_cli_mesh_errors(corpus, tmp_path, capsys):

@@ -22,6 +22,8 @@ _HELP = {
     "micro_batches": "gradient accumulation: split each batch into this many parts",
     "mesh": "device mesh, e.g. 'data=4,model=2,context=1' (default: every device "
     "on data)",
+    "attention_impl": "reference, blockwise (memory linear in the row length), auto, "
+    "pallas_gpu or splash_tpu",
     "num_devices": "use only the first N devices (single-process runs)",
     "coordinator": "HOST:PORT of process 0, for a multi-process run",
     "num_processes": "number of processes of a multi-process run",

@@ -76,6 +76,8 @@ class TrainConfig:
     depth_final_norm: bool = False
     shared_depth_layer: bool = False
     remat: str = "none"
+    attention_impl: str = "reference"
+    attention_block_size: int = 128
     learning_rate: float = 2e-3
     warmup_steps: int = 30
     min_learning_rate_ratio: float = 0.1
@@ -180,6 +182,8 @@ class TrainConfig:
                 depth_final_norm=self.depth_final_norm,
                 shared_depth_layer=self.shared_depth_layer,
                 remat=self.remat,
+                attention_impl=self.attention_impl,
+                attention_block_size=self.attention_block_size,
             )
         except ValueError as error:
             raise UserError(str(error).replace("ModelConfig.", "--")) from None
