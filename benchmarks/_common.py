@@ -10,10 +10,12 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import eqx_mtp
 
@@ -72,10 +74,12 @@ def model_config(
     num_depths: int,
     num_heads: int = 4,
     num_kv_heads: int = 2,
+    max_seq_len: int | None = None,
     **options,
 ) -> eqx_mtp.ModelConfig:
     """The benchmarked model: the sizes from `args` (see `model_parser`), 4 query and
-    2 key/value heads unless told, rows of exactly `args.seq` tokens."""
+    2 key/value heads unless told, rows of at most `max_seq_len` tokens (by default
+    exactly `args.seq`)."""
     return eqx_mtp.ModelConfig(
         vocab_size=vocab,
         dim=args.dim,
@@ -83,7 +87,7 @@ def model_config(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         mlp_dim=args.mlp_dim,
-        max_seq_len=args.seq,
+        max_seq_len=args.seq if max_seq_len is None else max_seq_len,
         num_depths=num_depths,
         **options,
     )
@@ -120,6 +124,44 @@ def array_bytes(tree) -> int:
         for leaf in leaves
         if hasattr(leaf, "shape")
     )
+
+
+def packed_rows(
+    batch: int, seq: int, vocab: int, *, document_length: int, seed: int = 0
+) -> tuple[jax.Array, jax.Array]:
+    """`(tokens, segment_ids)`, int32 `[batch, seq]`: random token ids in rows packed
+    with documents of `document_length // 2` to `3 * document_length // 2` tokens
+    (segment ids 1, 2, … in each row, the last document cut at the row's end; no
+    padding)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (batch, seq), dtype=np.int32)
+    segment_ids = np.empty((batch, seq), np.int32)
+    low = max(1, document_length // 2)
+    high = max(low, 3 * document_length // 2)
+    for row in segment_ids:
+        start, segment = 0, 1
+        while start < seq:
+            length = int(rng.integers(low, high + 1))
+            row[start : start + length] = segment
+            start, segment = start + length, segment + 1
+    return jnp.asarray(tokens), jnp.asarray(segment_ids)
+
+
+def git_state() -> str:
+    """The commit the numbers were taken at, marked when `eqx_mtp/` has uncommitted
+    changes."""
+
+    def git(*command):
+        return subprocess.run(
+            ["git", *command], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "eqx_mtp")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (eqx_mtp/ modified)" if dirty else "")
 
 
 def median(values) -> float:
