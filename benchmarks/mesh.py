@@ -55,7 +55,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import collections  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
@@ -1034,27 +1033,6 @@ def pod_report(costs: list[dict], rows: int = 1024, seq: int = 4096) -> str:
 # -- main ------------------------------------------------------------------------------
 
 
-def _git_state() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=_common.ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "eqx_mtp"],
-            cwd=_common.ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" (eqx_mtp/ modified)" if dirty else "")
-
-
 def main():
     started = time.perf_counter()
     parser = _common.model_parser(
@@ -1106,7 +1084,7 @@ def main():
     payload = dict(
         benchmark="mesh",
         quick=args.quick,
-        environment=dict(_common.environment(), git=_git_state()),
+        environment=dict(_common.environment(), git=_common.git_state()),
         settings=_common.model_settings(
             args,
             vocab=args.vocab,

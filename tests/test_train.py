@@ -1,7 +1,6 @@
 """The training job: exact resume, gradient accumulation, checkpoints, CLI errors."""
 
 import json
-import pathlib
 import shutil
 
 import equinox as eqx
@@ -9,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TINY_JOB, tiny_config, tree_allclose
+from helpers import TINY_JOB, logged_losses, tiny_config, tree_allclose
 
 import eqx_mtp
 from eqx_mtp.train._checkpoint import Checkpointer
@@ -32,9 +31,8 @@ def _config(corpus, run, **overrides):
 
 
 def _train_losses(run):
-    lines = (pathlib.Path(run) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
-    return {r["step"]: r["depth_losses"] for r in records if "eval" not in r}
+    """`{step: [loss, main, depth 1, ...]}` of a run's training lines."""
+    return dict(logged_losses(run))
 
 
 def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path):
