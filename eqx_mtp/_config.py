@@ -45,11 +45,13 @@ class ModelConfig:
     - `shared_depth_layer`: one `layer` reused by every depth.
     - `depth_final_norm`: each depth has its own final norm before the shared
         unembedding (DeepSeek-V3's `shared_head.norm`).
-    - `remat`: rematerialisation policy of the trunk and depth scans: `"none"`
-        (keep activations), `"full"` (recompute each block and each depth, its loss
-        included, in the backward pass) or `"save_dots"` (keep matmul outputs of the
-        blocks and depths, recompute the rest; the depths' losses are left out of it,
-        so their logits are never kept).
+    - `remat`: rematerialisation policy of the trunk and depth scans: `"full"`
+        (the default: keep only each block's and each depth's input, recompute the
+        rest in the backward pass), `"save_dots"` (keep matmul outputs too) or
+        `"none"` (keep every activation). A depth's loss is never recomputed: it
+        keeps its own residuals, so the vocabulary matmuls run once. Chosen by
+        `benchmarks/step_memory.py`: the leanest policy whose step time is within
+        1.2× of the fastest.
     - `loss_chunk_size`: tokens per chunk of logits in the cross-entropy of the main
         objective and of every depth.
     - `loss_impl`: the cross-entropy implementation, see [`eqx_mtp.head_loss_sum`][]:
@@ -85,11 +87,11 @@ class ModelConfig:
     mtp_block: str = "transformer"
     shared_depth_layer: bool = False
     depth_final_norm: bool = False
-    remat: str = "none"
+    remat: str = "full"
     loss_chunk_size: int = 256
     loss_impl: str = "fused"
     train_depths_only: bool = False
-    attention_impl: str = "reference"
+    attention_impl: str = "auto"
     attention_block_size: int = 128
 
     def __post_init__(self):

@@ -130,7 +130,8 @@ class MTPDepths(eqx.Module):
     - `shared_layer`: one layer, built once, reused at every depth.
     - `depth_final_norm`: give each depth its own final norm.
     - `norm_eps`: epsilon of the depth norms.
-    - `remat`: rematerialisation policy of the depth scan.
+    - `remat`: rematerialisation policy of the depth scan: each depth is recomputed
+        in the backward pass as the policy says; its readout (the loss) never is.
     - `key`: PRNG key.
     """
 
@@ -253,23 +254,16 @@ def scan_depths(
         norm = final_norm if depth.norm is None else depth.norm
         return h_k, norm(h_k)
 
-    if depths.remat_policy == "save_dots":
-        # Only the depth is rematerialised: under a policy that saves matmul outputs
-        # the readout (a chunked loss) would keep every chunk of its logits, one
-        # [tokens, vocab] array per depth. Outside it, it keeps its own residuals.
-        advance_saving_dots = remat(advance, "save_dots")
+    # Only the depth is rematerialised, never its readout: under "save_dots" a
+    # chunked loss would keep every chunk of its logits (one [tokens, vocab] array per
+    # depth), and under "full" the fused loss would run its three vocabulary matmuls
+    # again in the backward pass. Outside the checkpoint the readout keeps its own
+    # residuals: the fused loss's gradients, or the chunked loss's normed hidden.
+    advance_step = remat(advance, depths.remat_policy)
 
-        def body(previous, xs):
-            h_k, normed = advance_saving_dots(previous, xs)
-            return h_k, readout(xs[1], normed)
-
-    else:
-
-        def body(previous, xs):
-            h_k, normed = advance(previous, xs)
-            return h_k, readout(xs[1], normed)
-
-        body = remat(body, depths.remat_policy)
+    def body(previous, xs):
+        h_k, normed = advance_step(previous, xs)
+        return h_k, readout(xs[1], normed)
 
     depth_numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
     _, outputs = jax.lax.scan(body, hidden, (dynamic, depth_numbers))
