@@ -60,7 +60,7 @@ def _nonzero_per_slice(leaf):
 # the sequential kind only). Chunk sizes that do not divide the 24 tokens of a batch
 # give ragged last chunks.
 VARIANTS = [
-    dict(mtp_kind="sequential", mtp_block="transformer", num_depths=3),
+    dict(mtp_kind="sequential", mtp_block="transformer", num_depths=3, remat="none"),
     dict(
         mtp_kind="sequential",
         mtp_block="mlp",

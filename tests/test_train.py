@@ -137,6 +137,25 @@ def test_checkpoint_from_another_config_is_refused(corpus, tmp_path):
         train(_config(corpus, run, steps=4, dim=32, resume=True), progress=False)
 
 
+def test_a_run_continues_under_another_remat_and_attention(corpus, tmp_path):
+    """Remat and the attention implementation change how a step is computed, not
+    what: a run may continue under others (e.g. the new defaults), and its losses
+    stay those of the run that never changed, up to rounding."""
+    straight, switched = tmp_path / "straight", tmp_path / "switched"
+    before = dict(remat="none", attention_impl="reference")
+    after = dict(remat="full", attention_impl="blockwise", attention_block_size=8)
+    train(_config(corpus, straight, **before), progress=False)
+    train(_config(corpus, switched, **before), stop_after=3, progress=False)
+    train(_config(corpus, switched, resume=True, **after), progress=False)
+
+    expected, losses = _train_losses(straight), _train_losses(switched)
+    assert sorted(losses) == list(range(1, 7))
+    for step in range(4, 7):
+        np.testing.assert_allclose(losses[step], expected[step], rtol=1e-4)
+    _, stored = eqx_mtp.load_checkpoint(switched)
+    assert stored["model"]["attention_impl"] == "blockwise"
+
+
 def test_existing_checkpoints_are_never_overwritten(corpus, tmp_path, capsys):
     """`--run DIR` continues DIR's checkpoints; those of another configuration are
     refused with the differing fields named, and nothing is written."""

@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import equinox as eqx
@@ -44,13 +45,18 @@ class RestoredState:
     config: dict
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Names (dotted for nested dicts) of the fields whose values differ."""
+def config_differences(
+    saved: dict, current: dict, prefix: str = "", *, ignore: Collection[str] = ()
+) -> list[str]:
+    """Names (dotted for nested dicts) of the fields whose values differ, leaving out
+    the dotted names in `ignore`."""
     names = []
     for name in sorted(set(saved) | set(current)):
         a, b = saved.get(name), current.get(name)
+        if f"{prefix}{name}" in ignore:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            names += config_differences(a, b, f"{prefix}{name}.")
+            names += config_differences(a, b, f"{prefix}{name}.", ignore=ignore)
         elif a != b:
             names.append(f"{prefix}{name} (saved {a!r}, now {b!r})")
     return names
@@ -204,6 +210,7 @@ class Checkpointer:
         model_config: ModelConfig,
         opt_state_template: PyTree | None = None,
         config: dict | None = None,
+        may_differ: Collection[str] = (),
         step: int | None = None,
         mesh: Mesh | None = None,
         rules: tuple[ShardingRule, ...] = DEFAULT_RULES,
@@ -220,6 +227,8 @@ class Checkpointer:
         - `opt_state_template`: a pytree of the optimizer state's shapes (e.g.
             `jax.eval_shape(optimizer.init, params)`); `None` skips it.
         - `config`: the current run configuration to compare with the stored one.
+        - `may_differ`: dotted names of `config` fields that need not match (e.g.
+            `"model.remat"`: how a step is computed, not what).
         - `step`: a specific step; default the newest that loads.
         - `mesh`, `rules`: restore every array onto `mesh` as `rules` lay it out
             ([`eqx_mtp.partition_specs`][]); `None` restores onto this process's first
@@ -231,7 +240,7 @@ class Checkpointer:
         if config is not None:
             saved = self._read_config_or_none(candidates[0])
             if saved is not None:
-                differences = config_differences(saved, config)
+                differences = config_differences(saved, config, ignore=may_differ)
                 if differences:
                     raise CheckpointError(
                         f"checkpoint in {self.directory} was made with another "

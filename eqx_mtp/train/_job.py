@@ -55,6 +55,8 @@ class TrainConfig:
     devices the others leave) over every device, or over the first `num_devices` of a
     single-process run; `coordinator`, `num_processes` and `process_id` start a
     multi-process run, `distributed` one whose peers JAX detects (TPU pods, SLURM).
+    `remat`, `attention_impl` and `attention_block_size` default to `ModelConfig`'s;
+    like the mesh, they may change when a run continues.
     """
 
     data: str | None = None
@@ -75,9 +77,9 @@ class TrainConfig:
     mtp_block: str = "transformer"
     depth_final_norm: bool = False
     shared_depth_layer: bool = False
-    remat: str = "none"
-    attention_impl: str = "reference"
-    attention_block_size: int = 128
+    remat: str = ModelConfig.remat
+    attention_impl: str = ModelConfig.attention_impl
+    attention_block_size: int = ModelConfig.attention_block_size
     learning_rate: float = 2e-3
     warmup_steps: int = 30
     min_learning_rate_ratio: float = 0.1
@@ -208,7 +210,15 @@ RESUMABLE_FIELDS = frozenset(
         "num_processes",
         "process_id",
         "distributed",
+        # How each step is computed, not what it computes (up to rounding).
+        "remat",
+        "attention_impl",
+        "attention_block_size",
     }
+)
+# The same three as stored in the model's config.
+RESUMABLE_MODEL_FIELDS = frozenset(
+    f"model.{name}" for name in ("remat", "attention_impl", "attention_block_size")
 )
 
 
@@ -373,6 +383,7 @@ def train(
                 model_config=model_config,
                 opt_state_template=jax.eval_shape(lambda: opt_state),
                 config=stored_config,
+                may_differ=RESUMABLE_MODEL_FIELDS,
                 mesh=loss_mesh,
             )
         except CheckpointError as error:
