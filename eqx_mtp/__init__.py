@@ -3,6 +3,11 @@
 from ._blockwise import blockwise_attention as blockwise_attention
 from ._config import ModelConfig as ModelConfig
 from ._cross_entropy import head_loss_sum as head_loss_sum
+from ._decode import (
+    Generation as Generation,
+    generate as generate,
+    trunk_forward_cached as trunk_forward_cached,
+)
 from ._fused_ce import fused_cross_entropy as fused_cross_entropy
 from ._loss import (
     mtp_loss as mtp_loss,

@@ -1,4 +1,4 @@
-"""The `eqx-mtp` command line."""
+"""The `eqx-mtp` command line: `eqx-mtp train` and `eqx-mtp generate`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 
 from ._checkpoint import CheckpointError
 from ._data import DataError
+from ._generate import GenerateConfig, generate_text
 from ._job import TrainConfig, UserError, load_config_file, train
 from ._preemption import EXIT_PREEMPTED, Preempted
 
@@ -69,7 +70,45 @@ def _parser() -> argparse.ArgumentParser:
     train_parser.add_argument(
         "--no-progress", action="store_true", help="no progress bar"
     )
+    _add_generate_parser(commands)
     return parser
+
+
+def _add_generate_parser(commands) -> None:
+    defaults = GenerateConfig(run="", prompt="")
+    parser = commands.add_parser(
+        "generate",
+        help="continue a prompt with a trained run's model",
+        description="Greedy or sampled text from a run's newest checkpoint, the MTP "
+        "depths drafting (self-speculative decoding) unless --no-speculative.",
+    )
+    parser.add_argument("--run", required=True, help="run directory")
+    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help=f"tokens to generate (default: {defaults.max_new_tokens})",
+    )
+    parser.add_argument(
+        "--no-speculative",
+        dest="speculative",
+        action="store_false",
+        help="decode with the trunk alone",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=defaults.temperature,
+        help="0 for greedy decoding (default), > 0 to sample",
+    )
+    parser.add_argument("--top-k", type=int, default=None, help="sample among these")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="sampling seed (default: 0)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: newest)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
                 values.update(load_config_file(config_file))
             values.update(args)
             train(TrainConfig(**values), progress=progress)
+        elif command == "generate":
+            text, statistics = generate_text(GenerateConfig(**args))
+            print(text)
+            for line in statistics:
+                print(line)
     except (UserError, DataError, CheckpointError) as error:
         print(f"eqx-mtp {command}: error: {error}", file=sys.stderr)
         return 2

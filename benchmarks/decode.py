@@ -1,0 +1,289 @@
+"""Decoding speed: plain cached greedy decoding against self-speculative decoding with
+the MTP depths, on trained runs.
+
+`python benchmarks/decode.py --run default=runs/default --run deep=runs/deep`
+
+Each `--run NAME=DIR` is a run of `eqx-mtp train` (its newest checkpoint); the two the
+docs report are made by
+
+    eqx-mtp train --run runs/default
+    eqx-mtp train --run runs/deep --num-layers 8 --num-depths 3
+
+For each run and each `--batches` size: prompts are the first `--prompt-len` tokens
+(BOS and bytes) of held-out documents (the run's own split), and each row generates
+up to the model's `max_seq_len`. Plain and speculative greedy decoding are compiled
+ahead of time, called once to warm up, then `--repeats` times interleaved; tokens/s
+(new tokens of the whole batch per second) are medians with min–max. Reported too:
+whether the two outputs are identical (they must be), tokens per trunk forward,
+the sequential acceptance per depth, and where a round's time goes: one cached trunk
+pass over `D + 1` tokens (verify) against the depths' drafting, each timed alone on
+the same shapes.
+
+Targets (batch 1): speculative ≥ 1.6× plain tokens/s on the default model, ≥ 2× on
+the deeper one; at batch 8, never slower than plain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import eqx_mtp
+from eqx_mtp._decode import _draft, _empty_cache
+
+TARGETS = {"default": 1.6, "deep": 2.0}
+
+
+def _prompts(config: dict, count: int, prompt_len: int) -> np.ndarray:
+    """`[count, prompt_len]` prompts from the run's held-out documents."""
+    train = config["train"]
+    documents = eqx_mtp.load_documents(train["data"])
+    _, held_out = eqx_mtp.split_documents(
+        documents, eval_fraction=train["eval_fraction"], seed=train["seed"]
+    )
+    rows = [
+        eqx_mtp.encode_document(doc)[:prompt_len]
+        for doc in held_out
+        if len(doc) >= prompt_len
+    ]
+    if len(rows) < count:
+        raise SystemExit(
+            f"only {len(rows)} held-out documents hold {prompt_len} bytes; "
+            "lower --prompt-len or --batches"
+        )
+    return np.stack(rows[:count])
+
+
+def _time(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _round_parts(model, batch: int, size: int, repeats: int) -> dict:
+    """Seconds of one round's verify pass and of its drafting, each alone, at
+    `batch` rows with caches of `size` positions half full."""
+    config = model.config
+    num_drafts = config.num_depths
+    window = 2 * num_drafts + 1
+    trunk_cache = _empty_cache(config, config.num_layers, size, jnp.float32)
+    depth_cache = _empty_cache(config, num_drafts, size, jnp.float32)
+    h0 = jnp.zeros((size, config.dim), jnp.float32)
+    seq = jnp.zeros((size,), jnp.int32)
+    n = jnp.int32(size // 2)
+
+    def verify(tokens, cache):
+        return eqx_mtp.trunk_forward_cached(model.trunk, tokens, n - 1, cache)
+
+    def draft(cache):
+        return _draft(
+            model, h0, seq, n - 1 - window, window, n - 2, cache,
+            jax.random.key(0), 0.0, None,
+        )[0]  # fmt: skip
+
+    def batched(fn, *args):
+        stacked = jax.tree.map(lambda x: jnp.stack([x] * batch), args)
+        compiled = jax.jit(jax.vmap(fn)).lower(*stacked).compile()
+        compiled(*stacked)
+        return _common.median(_time(lambda: compiled(*stacked), repeats))
+
+    tokens = jnp.zeros((num_drafts + 1,), jnp.int32)
+    one = jnp.zeros((1,), jnp.int32)
+    return dict(
+        verify_seconds=batched(verify, tokens, trunk_cache),
+        plain_step_seconds=batched(verify, one, trunk_cache),
+        draft_seconds=batched(draft, depth_cache),
+    )
+
+
+def measure(name: str, run: str, args) -> dict:
+    model, config = eqx_mtp.load_checkpoint(run)
+    model_config = model.config
+    max_new = model_config.max_seq_len - args.prompt_len
+    records = []
+    for batch in args.batches:
+        prompts = jnp.asarray(_prompts(config, batch, args.prompt_len), jnp.int32)
+
+        def call(speculative):
+            return eqx_mtp.generate(
+                model, prompts, max_new_tokens=max_new, speculative=speculative
+            )
+
+        outputs = {mode: call(mode == "speculative") for mode in ("plain", "spec")}
+        compile_seconds = {m: o.compile_seconds for m, o in outputs.items()}
+        seconds = {mode: [] for mode in outputs}
+        for _ in range(args.repeats):
+            for mode in outputs:
+                outputs[mode] = call(mode == "spec")
+                seconds[mode].append(outputs[mode].seconds)
+        plain, spec = outputs["plain"], outputs["spec"]
+        identical = bool(jnp.all(plain.tokens == spec.tokens))
+        tokens = plain.tokens.size
+        rates = {mode: [tokens / s for s in seconds[mode]] for mode in seconds}
+        parts = _round_parts(
+            model, batch, args.prompt_len + max_new + 2 * model_config.num_depths + 2,
+            args.part_repeats,
+        )  # fmt: skip
+        record = dict(
+            run=name,
+            batch=batch,
+            prompt_len=args.prompt_len,
+            new_tokens=max_new,
+            num_layers=model_config.num_layers,
+            num_depths=model_config.num_depths,
+            mtp_kind=model_config.mtp_kind,
+            identical=identical,
+            plain_tokens_per_second=rates["plain"],
+            speculative_tokens_per_second=rates["spec"],
+            speedup=_common.median(rates["spec"]) / _common.median(rates["plain"]),
+            tokens_per_forward=spec.tokens_per_forward,
+            acceptance=spec.acceptance,
+            compile_seconds=compile_seconds,
+            **parts,
+        )
+        records.append(record)
+        print(
+            f"{name} batch {batch}: plain {_common.median(rates['plain']):,.0f} tok/s, "
+            f"speculative {_common.median(rates['spec']):,.0f} tok/s "
+            f"({record['speedup']:.2f}×), {spec.tokens_per_forward:.2f} "
+            "tokens/forward, "
+            f"acceptance {[round(a, 3) for a in spec.acceptance]}, identical "
+            f"{identical}",
+            flush=True,
+        )
+    return dict(run=name, directory=run, records=records)
+
+
+def _spread(values) -> str:
+    return f"{_common.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
+
+
+def main():
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        help="NAME=DIR of a trained run (repeatable)",
+    )
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part-repeats", type=int, default=20)
+    parser.add_argument("--tag", default="", help="suffix of the results file")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    runs = []
+    for item in args.run:
+        name, _, directory = item.partition("=")
+        if not directory:
+            parser.error(f"--run takes NAME=DIR, got {item!r}")
+        runs.append(measure(name, directory, args))
+
+    name = "decode" + (f"_{args.tag}" if args.tag else "")
+    seconds = time.perf_counter() - started
+    payload = dict(
+        benchmark="decode",
+        environment=dict(_common.environment(), git=_common.git_state()),
+        settings=dict(
+            batches=args.batches, prompt_len=args.prompt_len, repeats=args.repeats
+        ),
+        seconds=seconds,
+        runs=runs,
+    )
+    path = _common.write_results(name, payload)
+
+    rows, targets = [], []
+    for run in runs:
+        for r in run["records"]:
+            verify_share = r["verify_seconds"] / (
+                r["verify_seconds"] + r["draft_seconds"]
+            )
+            rows.append(
+                [
+                    run["run"],
+                    f"{r['num_layers']} / {r['num_depths']}",
+                    r["batch"],
+                    _spread(r["plain_tokens_per_second"]),
+                    _spread(r["speculative_tokens_per_second"]),
+                    f"{r['speedup']:.2f}×",
+                    f"{r['tokens_per_forward']:.2f}",
+                    " ".join(f"{a:.2f}" for a in r["acceptance"]),
+                    f"{1e3 * r['plain_step_seconds']:.2f}",
+                    f"{1e3 * r['verify_seconds']:.2f} / {1e3 * r['draft_seconds']:.2f}"
+                    f" ({100 * verify_share:.0f}% verify)",
+                    "yes" if r["identical"] else "**no**",
+                ]
+            )
+            if r["batch"] == 1 and run["run"] in TARGETS:
+                limit = TARGETS[run["run"]]
+                targets.append(
+                    [f"{run['run']}, batch 1: speculative ≥ {limit}× plain",
+                     f"{r['speedup']:.2f}×", "met" if r["speedup"] >= limit else
+                     "missed"]
+                )  # fmt: skip
+            elif r["batch"] > 1:
+                targets.append(
+                    [f"{run['run']}, batch {r['batch']}: never slower than plain",
+                     f"{r['speedup']:.2f}×", "met" if r["speedup"] >= 1 else
+                     "missed"]
+                )  # fmt: skip
+            targets.append(
+                [f"{run['run']}, batch {r['batch']}: greedy output identical",
+                 "identical" if r["identical"] else "differs",
+                 "met" if r["identical"] else "missed"]
+            )  # fmt: skip
+    table = _common.markdown_table(
+        [
+            "run",
+            "layers / depths",
+            "batch",
+            "plain tok/s",
+            "speculative tok/s",
+            "speed-up",
+            "tokens / forward",
+            "acceptance per depth",
+            "plain step ms",
+            "round ms: verify / drafts",
+            "identical",
+        ],
+        rows,
+    )
+    env = payload["environment"]
+    command = "python benchmarks/decode.py " + " ".join(f"--run {r}" for r in args.run)
+    report = "\n".join(
+        [
+            "## Decoding",
+            "",
+            f"`{command}` ({env['date']}, {env['device']}, {env['cpu_count']} cores, "
+            f"load average {env['load_average']}, jax {env['jax']}, git "
+            f"{env['git']}; {seconds / 60:.1f} min). Greedy decoding of held-out "
+            f"prompts of {args.prompt_len} tokens up to each model's `max_seq_len`; "
+            "tokens/s are medians (min–max) of "
+            f"{args.repeats} interleaved calls after a warm-up, compilation apart. "
+            "`round ms`: one cached trunk pass over `D + 1` tokens and the depths' "
+            "drafting, each timed alone; `plain step ms`: the trunk pass over one "
+            "token.",
+            "",
+            table,
+            "",
+            _common.markdown_table(["target", "measured", ""], targets),
+        ]
+    )
+    print()
+    print(report)
+    _common.write_doc_section(name, report)
+    print(f"wrote {path} and the {name} section of {_common.DOC}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""`eqx-mtp generate`: text from a trained run, with self-speculative decoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import jax
+import numpy as np
+
+from .._decode import generate
+from ._checkpoint import CheckpointError, load_checkpoint
+from ._data import EOS_ID, decode, encode_document
+from ._job import UserError
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    """What `eqx-mtp generate` takes: the run directory, the prompt text and how to
+    decode it (see [`eqx_mtp.generate`][])."""
+
+    run: str
+    prompt: str
+    max_new_tokens: int = 200
+    speculative: bool = True
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+    step: int | None = None
+
+
+def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
+    """`(text, statistics lines)`: the prompt's continuation, cut at the first
+    end-of-document token, and one line per statistic.
+
+    **Raises:**
+
+    `UserError` for bad input: no checkpoint in the run, an empty prompt, a negative
+    count, a prompt and count beyond the model's `max_seq_len`.
+    """
+    if not config.prompt:
+        raise UserError("--prompt: must not be empty")
+    if config.max_new_tokens < 1:
+        raise UserError(
+            f"--max-new-tokens: must be a positive integer, got {config.max_new_tokens}"
+        )
+    if config.temperature < 0:
+        raise UserError(f"--temperature: must be >= 0, got {config.temperature}")
+    if config.top_k is not None and config.top_k < 1:
+        raise UserError(f"--top-k: must be a positive integer, got {config.top_k}")
+    if not pathlib.Path(config.run).exists():
+        raise UserError(f"--run: no such directory: {config.run}")
+    try:
+        model, _ = load_checkpoint(config.run, step=config.step)
+    except CheckpointError as error:
+        raise UserError(f"--run: {error}") from None
+    prompt = encode_document(config.prompt)[:-1]  # BOS and the bytes, no EOS
+    longest = model.config.max_seq_len
+    if prompt.shape[0] + config.max_new_tokens > longest:
+        raise UserError(
+            f"--max-new-tokens: the prompt ({prompt.shape[0]} tokens with BOS) plus "
+            f"{config.max_new_tokens} new tokens exceeds the model's max_seq_len "
+            f"{longest}"
+        )
+    out = generate(
+        model,
+        prompt[None, :],
+        max_new_tokens=config.max_new_tokens,
+        speculative=config.speculative,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        key=jax.random.key(config.seed),
+    )
+    tokens = np.asarray(out.tokens[0])
+    ends = np.flatnonzero(tokens == EOS_ID)
+    text = decode(tokens[: ends[0]] if ends.size else tokens)
+    mode = "speculative" if out.accepted.shape[1] else "plain"
+    lines = [
+        f"decoding: {mode}, {tokens.shape[0]} new tokens",
+        f"tokens per trunk forward: {out.tokens_per_forward:.2f}",
+        f"tokens/s: {out.tokens_per_second:,.1f} (compile {out.compile_seconds:.1f} s "
+        "apart)",
+    ]
+    if out.accepted.shape[1]:
+        rates = " ".join(f"{rate:.2f}" for rate in out.acceptance)
+        lines.insert(2, f"acceptance per depth: {rates}")
+    return text, lines

@@ -1,0 +1,296 @@
+"""Decoding against references written here: a naive greedy loop that recomputes the
+full forward for every token, a loop over unstacked depths for the drafts, and the
+trunk's exact joint distribution (by enumeration) for sampling."""
+
+import itertools
+
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+from helpers import tiny_config
+from hypothesis import given, settings
+from reference import random_model
+
+import eqx_mtp
+from eqx_mtp._decode import _generate_jit, trunk_forward_cached
+from eqx_mtp._transformer import unstack_module
+
+
+def _model(seed=0, **overrides):
+    values = dict(max_seq_len=32, attention_impl="reference", remat="none")
+    return random_model(tiny_config(**{**values, **overrides}), seed)
+
+
+@eqx.filter_jit
+def _full_hidden(model, tokens):
+    """The trunk's `h⁰` of one row of tokens, the whole row at once (one document)."""
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    return model.trunk(tokens, positions=positions, segment_ids=jnp.ones_like(tokens))
+
+
+def naive_greedy(model, prompt, count):
+    """`count` greedy tokens, the full forward recomputed for every one. Rows are
+    padded to `max_seq_len`, which causal attention makes harmless: the logits at
+    position `i` read tokens `≤ i` only."""
+    width = model.config.max_seq_len
+    seq = list(prompt)
+    for _ in range(count):
+        padded = jnp.asarray(seq + [0] * (width - len(seq)), jnp.int32)
+        hidden = _full_hidden(model, padded)[len(seq) - 1]
+        seq.append(int(jnp.argmax(model.trunk.logits(hidden))))
+    return seq[len(prompt) :]
+
+
+def _prompts(rng, lengths, vocab):
+    return [list(rng.integers(0, vocab, size=n)) for n in lengths]
+
+
+def test_cached_trunk_equals_full_forward():
+    """A prefill, then one token at a time: every position's `h⁰` is the full
+    forward's. Catches a cache written at the wrong offset, a mask that lets a query
+    see a later key (or not its own), and rotary positions restarting per chunk."""
+    model = _model()
+    config = model.config
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 19, size=11), jnp.int32)
+    expected = _full_hidden(model, tokens)
+    shape = (config.num_layers, 16, config.num_kv_heads, config.head_dim)
+    cache = (jnp.zeros(shape), jnp.zeros(shape))
+    prefill, cache = trunk_forward_cached(model.trunk, tokens[:4], jnp.int32(0), cache)
+    rows = [prefill]
+    for i in range(4, 11):
+        hidden, cache = trunk_forward_cached(
+            model.trunk, tokens[i : i + 1], jnp.int32(i), cache
+        )
+        rows.append(hidden)
+    np.testing.assert_allclose(jnp.concatenate(rows), expected, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=6)
+@given(
+    mtp_kind=st.sampled_from(["sequential", "parallel"]),
+    num_depths=st.integers(1, 3),
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    max_new=st.integers(1, 9),
+    seed=st.integers(0, 3),
+)
+def test_greedy_speculative_equals_plain_equals_naive(
+    mtp_kind, num_depths, lengths, max_new, seed
+):
+    """Over both MTP kinds, D in 1..3 and batches of prompts of different lengths:
+    speculative greedy tokens == plain cached greedy == the naive loop. Catches a
+    kept prefix counted past a disagreement, a correction token taken from the wrong
+    position, a row's cache rolled back wrongly, and rows that finish at different
+    rounds corrupting each other."""
+    model = _model(seed, mtp_kind=mtp_kind, num_depths=num_depths)
+    prompts = _prompts(np.random.default_rng(seed), lengths, 19)
+    expected = [naive_greedy(model, p, max_new) for p in prompts]
+    for speculative in (False, True):
+        out = eqx_mtp.generate(
+            model, prompts, max_new_tokens=max_new, speculative=speculative
+        )
+        assert np.asarray(out.tokens).tolist() == expected, speculative
+
+
+def _override(prompts, continuations, pattern, num_depths, vocab):
+    """Drafts forced to the true continuation (`"all"`), to a wrong token (`"none"`),
+    or right at the positions where `MIXED` is true (`"mixed"`)."""
+    width = max(map(len, prompts)) + max(map(len, continuations)) + 4 * num_depths + 4
+    tokens = np.zeros((len(prompts), width), np.int32)
+    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
+        truth = prompt + continuation
+        tokens[row, : len(truth)] = truth
+    right = {"all": True, "none": False, "mixed": MIXED[:width]}[pattern]
+    tokens = np.where(right, tokens, (tokens + 1) % vocab)
+    return jnp.asarray(tokens), jnp.ones((len(prompts), width), bool)
+
+
+# Right or wrong at random: rounds that keep a wrong draft before a right one.
+MIXED = np.random.default_rng(3).random(200) < 0.6
+
+
+@pytest.mark.parametrize("pattern", ["all", "none", "mixed"])
+def test_forced_acceptance_patterns(pattern):
+    """Drafts replaced by known-right or known-wrong tokens: the output stays the
+    greedy one, and the counts say what was kept: every draft (rounds of D + 1
+    tokens), none (one token a round), or exactly the right prefixes."""
+    num_depths, max_new = 3, 11
+    model = _model(2, num_depths=num_depths)
+    prompts = _prompts(np.random.default_rng(5), [3, 6], 19)
+    # The truth past max_new too: the last round's drafts may run beyond it.
+    truth = [naive_greedy(model, p, max_new + num_depths + 1) for p in prompts]
+    override = _override(prompts, truth, pattern, num_depths, 19)
+    width = max(map(len, prompts))
+    padded = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    tokens, rounds, accepted = _generate_jit(
+        model,
+        padded,
+        lengths,
+        jax.random.split(jax.random.key(0), 2),
+        max_new_tokens=max_new,
+        num_drafts=num_depths,
+        temperature=0.0,
+        top_k=None,
+        override=override,
+    )
+    assert np.asarray(tokens).tolist() == [t[:max_new] for t in truth]
+    rounds, accepted = np.asarray(rounds), np.asarray(accepted)
+    if pattern == "all":
+        # The prompt's pass gives one token; every round then D + 1.
+        assert rounds.tolist() == [-(-(max_new - 1) // (num_depths + 1))] * 2
+        assert (accepted == rounds[:, None]).all()
+    elif pattern == "none":
+        assert rounds.tolist() == [max_new - 1] * 2
+        assert (accepted == 0).all()
+    else:
+        # Simulate: a round at n (tokens so far) drafts positions n .. n + D - 1.
+        for row, prompt in enumerate(prompts):
+            n, kept_counts = len(prompt) + 1, []
+            while n - len(prompt) < max_new:
+                kept = 0
+                while kept < num_depths and MIXED[n + kept]:
+                    kept += 1
+                kept_counts.append(kept)
+                n += kept + 1
+            assert rounds[row] == len(kept_counts)
+            for k in range(num_depths):
+                assert accepted[row, k] == sum(c > k for c in kept_counts)
+
+
+def _loop_drafts(model, tokens, query):
+    """Drafts at position `query` by a loop over unstacked depths on the full
+    sequence `tokens` (which holds the drafts of earlier depths at `query + k`)."""
+    config = model.config
+    tokens = jnp.asarray(tokens, jnp.int32)
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    segments = jnp.ones_like(tokens)
+    h = _full_hidden(model, tokens)
+    trunk_hidden, drafts = h, []
+    for k in range(1, config.num_depths + 1):
+        depth = unstack_module(model.depths.depths, k - 1)
+        ahead = jnp.concatenate([tokens[k:], jnp.zeros((k,), jnp.int32)])
+        source = h if config.mtp_kind == "sequential" else trunk_hidden
+        embeddings = model.trunk.embedding[ahead]
+        h = depth(
+            source,
+            embeddings,
+            positions=positions,
+            segment_ids=segments,
+            layer=model.depths.shared_layer,
+        )
+        norm = model.trunk.final_norm if depth.norm is None else depth.norm
+        logits = norm(h[query]) @ model.trunk.unembedding_matrix.T
+        drafts.append(int(jnp.argmax(logits)))
+    return drafts
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(mtp_kind="sequential", num_depths=3),
+        dict(mtp_kind="sequential", num_depths=2, shared_depth_layer=True),
+        dict(mtp_kind="parallel", num_depths=2, depth_final_norm=True),
+        dict(mtp_kind="sequential", num_depths=2, mtp_block="mlp"),
+    ],
+    ids=["sequential", "shared", "parallel", "mlp"],
+)
+def test_drafts_equal_the_depths_full_forward(overrides):
+    """Every round's drafts, from the depths' windowed caches, are those of the
+    depths run on the whole sequence as in training (the committed tokens, then the
+    earlier drafts). Catches a depth cache left with draft tokens after a rejection,
+    a window that misses a position, and a token read one place off."""
+    model = _model(3, **overrides)
+    prompt = list(np.random.default_rng(7).integers(0, 19, size=4))
+    max_new = 12
+    out = eqx_mtp.generate(model, [prompt], max_new_tokens=max_new, record=True)
+    sequence = prompt + np.asarray(out.tokens)[0].tolist()
+    for n, drafts in zip(out.record["n"][0], out.record["drafts"][0]):
+        if n == 0:
+            break
+        tokens = sequence[:n] + [int(d) for d in drafts[:-1]]
+        assert _loop_drafts(model, tokens, n - 2) == [int(d) for d in drafts], n
+
+
+def _exact_joint(model, prompt, count, temperature, top_k):
+    """The trunk's probability of every continuation of `count` tokens, by
+    enumeration: `{tokens: probability}`."""
+    vocab = model.config.vocab_size
+    joint = {}
+    for continuation in itertools.product(range(vocab), repeat=count):
+        tokens = jnp.asarray(list(prompt) + list(continuation), jnp.int32)
+        hidden = _full_hidden(model, tokens)
+        logits = model.trunk.logits(hidden[len(prompt) - 1 : -1]) / temperature
+        if top_k is not None:
+            kth = jnp.sort(logits, axis=-1)[:, -top_k][:, None]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        log_p = jax.nn.log_softmax(logits, axis=-1)
+        picked = log_p[jnp.arange(count), jnp.asarray(continuation)]
+        joint[continuation] = float(jnp.exp(jnp.sum(picked)))
+    return joint
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k", [(0.5, None), (1.0, 3)], ids=["t0.5", "t1-top3"]
+)
+def test_speculative_sampling_follows_the_trunk(temperature, top_k):
+    """Three sampled tokens after a prompt, 40,000 times: their joint frequencies
+    match the trunk's exact joint distribution (chi-square). Accepting every draft,
+    or resampling from p instead of (p - q)⁺ after a rejection, fails it."""
+    model = _model(4, vocab_size=5, num_depths=2)
+    prompt, count, samples = [1, 3], 3, 40_000
+    exact = _exact_joint(model, prompt, count, temperature, top_k)
+    out = eqx_mtp.generate(
+        model,
+        jnp.asarray([prompt] * samples, jnp.int32),
+        max_new_tokens=count,
+        temperature=temperature,
+        top_k=top_k,
+        key=jax.random.key(11),
+    )
+    assert out.acceptance[0] < 0.95  # the drafts are not the trunk's: q ≠ p
+    cells = list(exact)
+    observed = np.zeros(len(cells))
+    index = {cell: i for i, cell in enumerate(cells)}
+    for row in np.asarray(out.tokens):
+        observed[index[tuple(int(t) for t in row)]] += 1
+    expected = np.array([exact[c] for c in cells]) * samples
+    assert observed[expected == 0].sum() == 0  # nothing outside top-k
+    big = expected >= 5
+    observed_big = np.append(observed[big], observed[~big].sum())
+    expected_big = np.append(expected[big], expected[~big].sum())
+    keep = expected_big > 0
+    observed_big, expected_big = observed_big[keep], expected_big[keep]
+    statistic = ((observed_big - expected_big) ** 2 / expected_big).sum()
+    p_value = scipy.stats.chi2.sf(statistic, keep.sum() - 1)
+    assert p_value > 1e-4, (statistic, p_value)
+
+
+def test_bad_generate_input():
+    model = _model()
+    good = [[1, 2, 3]]
+    cases = [
+        (dict(prompt_tokens=[[]]), "at least one token"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
+        (dict(max_new_tokens=40), "beyond the model's max_seq_len 32"),
+        (dict(prompt_tokens=[[1, 99]]), r"must lie in \[0, 19\)"),
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=0.7), "needs a key"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (
+            dict(prompt_tokens=jnp.ones((2, 3), jnp.int32), prompt_lengths=[3, 4]),
+            "at most the prompt width",
+        ),
+        (dict(prompt_tokens=jnp.ones((3,), jnp.int32)), r"\[batch, prompt\]"),
+    ]
+    for overrides, message in cases:
+        arguments = dict(prompt_tokens=good, max_new_tokens=4) | overrides
+        prompt = arguments.pop("prompt_tokens")
+        with pytest.raises(ValueError, match=message):
+            eqx_mtp.generate(model, prompt, **arguments)
+    # Beartype (on in this suite) or generate's own check; both name `model`.
+    with pytest.raises(TypeError, match="model"):
+        eqx_mtp.generate(model.trunk, good, max_new_tokens=2)

@@ -1,0 +1,69 @@
+"""`eqx-mtp generate` on a trained tiny run: text and statistics, and one-line errors
+for bad input."""
+
+import numpy as np
+import pytest
+from helpers import TINY_JOB
+
+import eqx_mtp
+from eqx_mtp.train._cli import main
+from eqx_mtp.train._job import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def run(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("generate") / "run"
+    config = dict(TINY_JOB, steps=2, batch_size=4, save_every=2, num_devices=1)
+    train(TrainConfig(data=corpus, run=str(run), **config), progress=False)
+    return str(run)
+
+
+def test_generate_prints_the_greedy_text_then_statistics(run, capsys):
+    """The printed text is the greedy continuation of BOS + the prompt's bytes (cut
+    at EOS), the same with and without speculation."""
+    args = ["generate", "--run", run, "--prompt", "def ", "--max-new-tokens", "9"]
+    assert main(args) == 0
+    speculative = capsys.readouterr().out.splitlines()
+    assert main([*args, "--no-speculative"]) == 0
+    plain = capsys.readouterr().out.splitlines()
+
+    model, _ = eqx_mtp.load_checkpoint(run)
+    prompt = eqx_mtp.encode_document("def ")[:-1]
+    out = eqx_mtp.generate(model, prompt[None], max_new_tokens=9, speculative=False)
+    tokens = np.asarray(out.tokens)[0]
+    ends = np.flatnonzero(tokens == eqx_mtp.EOS_ID)
+    expected = eqx_mtp.decode(tokens[: ends[0]] if ends.size else tokens)
+    # The text may hold newlines: the statistics are the last lines.
+    assert "\n".join(speculative[:-4]) == expected
+    assert "\n".join(plain[:-3]) == expected
+    assert speculative[-4] == "decoding: speculative, 9 new tokens"
+    assert speculative[-2].startswith("acceptance per depth: ")
+    assert len(speculative[-2].split(": ")[1].split()) == 2
+    assert plain[-3] == "decoding: plain, 9 new tokens"
+    assert plain[-2] == "tokens per trunk forward: 1.00"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt", ""], "--prompt: must not be empty"),
+        (["--max-new-tokens", "-3"], "--max-new-tokens: must be a positive integer"),
+        (["--max-new-tokens", "14"], "exceeds the model's max_seq_len 16"),
+        (["--temperature", "-1"], "--temperature: must be >= 0"),
+    ],
+)
+def test_bad_generate_input_is_one_line(run, capsys, extra, message):
+    args = ["generate", "--run", run, "--prompt", "abc", *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eqx-mtp generate: error:"), err
+    assert message in err[0]
+
+
+def test_generate_from_a_run_without_checkpoints(tmp_path, capsys):
+    assert main(["generate", "--run", str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint" in err[0], err
+    missing = str(tmp_path / "missing")
+    assert main(["generate", "--run", missing, "--prompt", "x"]) == 2
+    assert "no such directory" in capsys.readouterr().err
