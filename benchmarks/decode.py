@@ -73,7 +73,7 @@ def _round_parts(model, batch: int, size: int, repeats: int) -> dict:
     `batch` rows with caches of `size` positions half full."""
     config = model.config
     num_drafts = config.num_depths
-    window = 2 * num_drafts + 1
+    window = 2 * num_drafts
     trunk_cache = _empty_cache(config, config.num_layers, size, jnp.float32)
     depth_cache = _empty_cache(config, num_drafts, size, jnp.float32)
     h0 = jnp.zeros((size, config.dim), jnp.float32)

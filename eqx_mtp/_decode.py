@@ -13,7 +13,7 @@ KV cache and hidden states `h⁰` for positions `≤ n - 2`.
    and the embedding of the token `k` places ahead, the pending token for depth 1 and
    the previous depth's draft after that. Draft `d_k` proposes the token at
    `n - 1 + k`. A depth whose layer attends keeps a KV cache of its own: each round
-   recomputes a window of its last `2D + 1` positions, so positions whose tokens were
+   recomputes a window of its last `2D` positions, so positions whose tokens were
    drafts last round are rewritten with the accepted (or corrected) tokens.
 2. *Verify*: one cached trunk pass over `[pending, d_1 … d_D]` gives the trunk's
    distribution `p_0 … p_D` at positions `n … n + D`.
@@ -303,18 +303,19 @@ def _generate_rows(
 
     `override`: `([batch, L] tokens, [batch, L] use)`: a draft for position `i` is
     replaced by `tokens[i]` where `use[i]` (greedy only; for tests). `record`: also
-    return every round's `n` and drafts."""
+    return every round's `n` and the depths' drafts (before any override)."""
     config = model.config
     trunk = model.trunk
     batch, prompt_len = prompts.shape
-    window = 2 * num_drafts + 1
-    size = max(prompt_len + max_new_tokens + 2 * num_drafts + 2, window)
     dtype = trunk.embedding.dtype
     depth_cache = num_drafts > 0 and _check_decodable_layer(
         model.depths.shared_layer
         if model.depths.shared_layer is not None
         else model.depths.depths.layer
     )
+    # A layer without attention reads its own position only: no window to redo.
+    window = 2 * num_drafts if depth_cache else 1
+    size = max(prompt_len + max_new_tokens + 2 * num_drafts + 2, window)
 
     def prefill(prompt, length, key):
         seq = jnp.zeros((size,), jnp.int32).at[:prompt_len].set(prompt)
@@ -373,12 +374,14 @@ def _generate_rows(
                 temperature,
                 top_k,
             )
+            drafted = drafts
             if row_override is not None:
                 tokens, use = row_override
                 at = n + jnp.arange(num_drafts)
                 drafts = jnp.where(use[at], tokens[at], drafts)
         else:
             drafts, q = jnp.zeros((0,), jnp.int32), None
+            drafted = drafts
         pending = jax.lax.dynamic_index_in_dim(seq, n - 1, keepdims=True)
         verify = jnp.concatenate([pending, drafts])
         hidden, cache = trunk_forward_cached(trunk, verify, n - 1, state["cache"])
@@ -398,7 +401,7 @@ def _generate_rows(
         if record:
             at = jnp.minimum(state["rounds"], max_new_tokens - 1)
             log_n = jnp.where(done, log_n, log_n.at[at].set(n))
-            log_drafts = jnp.where(done, log_drafts, log_drafts.at[at].set(drafts))
+            log_drafts = jnp.where(done, log_drafts, log_drafts.at[at].set(drafted))
         return dict(
             seq=jnp.where(done, seq, new_seq),
             n=jnp.where(done, n, n + kept + 1),

@@ -161,11 +161,12 @@ def test_forced_acceptance_patterns(pattern):
                 assert accepted[row, k] == sum(c > k for c in kept_counts)
 
 
+@eqx.filter_jit
 def _loop_drafts(model, tokens, query):
     """Drafts at position `query` by a loop over unstacked depths on the full
-    sequence `tokens` (which holds the drafts of earlier depths at `query + k`)."""
+    sequence `tokens` (which holds the drafts of earlier depths at `query + k`; what
+    follows them cannot reach position `query`, so rows may be padded)."""
     config = model.config
-    tokens = jnp.asarray(tokens, jnp.int32)
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     segments = jnp.ones_like(tokens)
     h = _full_hidden(model, tokens)
@@ -184,8 +185,8 @@ def _loop_drafts(model, tokens, query):
         )
         norm = model.trunk.final_norm if depth.norm is None else depth.norm
         logits = norm(h[query]) @ model.trunk.unembedding_matrix.T
-        drafts.append(int(jnp.argmax(logits)))
-    return drafts
+        drafts.append(jnp.argmax(logits))
+    return jnp.stack(drafts)
 
 
 @pytest.mark.parametrize(
@@ -201,18 +202,38 @@ def _loop_drafts(model, tokens, query):
 def test_drafts_equal_the_depths_full_forward(overrides):
     """Every round's drafts, from the depths' windowed caches, are those of the
     depths run on the whole sequence as in training (the committed tokens, then the
-    earlier drafts). Catches a depth cache left with draft tokens after a rejection,
-    a window that misses a position, and a token read one place off."""
+    earlier depths' drafts). The drafts the trunk checks are forced right or wrong
+    at random, so rounds keep anything from none to all of them. Catches a depth
+    cache left with a rejected draft's state, a window that misses a position, and
+    a token read one place off."""
     model = _model(3, **overrides)
-    prompt = list(np.random.default_rng(7).integers(0, 19, size=4))
-    max_new = 12
-    out = eqx_mtp.generate(model, [prompt], max_new_tokens=max_new, record=True)
-    sequence = prompt + np.asarray(out.tokens)[0].tolist()
-    for n, drafts in zip(out.record["n"][0], out.record["drafts"][0]):
-        if n == 0:
-            break
-        tokens = sequence[:n] + [int(d) for d in drafts[:-1]]
-        assert _loop_drafts(model, tokens, n - 2) == [int(d) for d in drafts], n
+    num_depths, max_new = model.config.num_depths, 16
+    prompts = _prompts(np.random.default_rng(7), [4, 2], 19)
+    truth = [naive_greedy(model, p, max_new + num_depths + 1) for p in prompts]
+    width = max(map(len, prompts))
+    tokens, rounds, _, log_n, log_drafts = _generate_jit(
+        model,
+        jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32),
+        jnp.asarray([len(p) for p in prompts], jnp.int32),
+        jax.random.split(jax.random.key(0), 2),
+        max_new_tokens=max_new,
+        num_drafts=num_depths,
+        temperature=0.0,
+        top_k=None,
+        override=_override(prompts, truth, "mixed", num_depths, 19),
+        record=True,
+    )
+    kept_all = 0
+    for row, prompt in enumerate(prompts):
+        sequence = prompt + truth[row]
+        ns = np.asarray(log_n[row][: int(rounds[row])]).tolist()
+        kept_all += sum(b - a == num_depths + 1 for a, b in zip(ns, ns[1:]))
+        for n, drafts in zip(ns, np.asarray(log_drafts[row]).tolist()):
+            tokens = sequence[:n] + drafts[:-1]
+            padded = jnp.asarray(tokens + [0] * (32 - len(tokens)), jnp.int32)
+            expected = _loop_drafts(model, padded, jnp.int32(n - 2)).tolist()
+            assert expected == drafts, (row, n)
+    assert kept_all > 0  # some rounds kept every draft
 
 
 def _exact_joint(model, prompt, count, temperature, top_k):
