@@ -32,6 +32,7 @@ plain greedy output; sampled output follows the trunk's distribution exactly
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -74,8 +75,9 @@ class Generation(eqx.Module):
 
     @property
     def tokens_per_forward(self) -> float:
-        """New tokens per trunk pass over the batch, the prompt's pass included (it
-        gives the first new token): `1.0` for plain decoding."""
+        """New tokens per trunk pass of a row, the prompt's pass included (it gives
+        the first new token), over the batch: `1.0` for plain decoding. (The batch's
+        wall time follows its slowest row.)"""
         passes = int(jnp.sum(self.rounds)) + self.rounds.shape[0]
         return float(self.tokens.size / passes)
 
@@ -165,7 +167,8 @@ def _check_decodable_layer(layer: Any) -> bool:
 
 
 def _probabilities(logits: Array, temperature: float, top_k: int | None) -> Array:
-    """The sampling distribution of float32 `logits [..., vocab]`."""
+    """The sampling distribution of float32 `logits [..., vocab]` (with `top_k`,
+    every token tied with the `k`-th largest logit stays in)."""
     logits = logits.astype(jnp.float32) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
@@ -472,6 +475,11 @@ def _compiled(arguments: tuple, options: dict):
     return _COMPILED[signature]
 
 
+def _is_integer(value) -> bool:
+    """A Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _as_prompts(prompt_tokens, prompt_lengths) -> tuple[np.ndarray, np.ndarray]:
     """A `[batch, prompt]` int32 array and `[batch]` lengths from an array or from a
     list of token lists of different lengths."""
@@ -487,6 +495,12 @@ def _as_prompts(prompt_tokens, prompt_lengths) -> tuple[np.ndarray, np.ndarray]:
                 "generate: prompt_lengths is taken from the lists; pass it only with "
                 "an array"
             )
+        for row in rows:
+            if row.size and not np.issubdtype(row.dtype, np.integer):
+                raise ValueError(
+                    "generate: prompt_tokens must be integer token ids, got "
+                    f"{row.dtype}"
+                )
         lengths = np.array([row.shape[0] for row in rows], np.int64)
         width = int(lengths.max())
         prompts = np.zeros((len(rows), width), np.int64)
@@ -504,10 +518,12 @@ def _as_prompts(prompt_tokens, prompt_lengths) -> tuple[np.ndarray, np.ndarray]:
             if prompt_lengths is None
             else np.asarray(prompt_lengths)
         )
-        if lengths.shape != (prompts.shape[0],):
+        if lengths.shape != (prompts.shape[0],) or not np.issubdtype(
+            lengths.dtype, np.integer
+        ):
             raise ValueError(
-                f"generate: prompt_lengths must have shape ({prompts.shape[0]},), got "
-                f"{lengths.shape}"
+                f"generate: prompt_lengths must be ({prompts.shape[0]},) integers, got "
+                f"shape {lengths.shape} of {lengths.dtype}"
             )
     if not np.issubdtype(prompts.dtype, np.integer):
         raise ValueError(
@@ -560,7 +576,7 @@ def generate(
         )
     config = model.config
     prompts, lengths = _as_prompts(prompt_tokens, prompt_lengths)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_integer(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(
             "generate: max_new_tokens must be a positive integer, got "
             f"{max_new_tokens!r}"
@@ -572,7 +588,8 @@ def generate(
             f"generate: prompt_lengths must be at most the prompt width "
             f"{prompts.shape[1]}, got {lengths.max()}"
         )
-    if np.any((prompts < 0) | (prompts >= config.vocab_size)):
+    read = np.arange(prompts.shape[1])[None, :] < lengths[:, None]
+    if np.any(((prompts < 0) | (prompts >= config.vocab_size)) & read):
         raise ValueError(
             f"generate: prompt_tokens must lie in [0, {config.vocab_size}), the "
             "model's vocabulary"
@@ -584,9 +601,16 @@ def generate(
             f"max_new_tokens ({max_new_tokens}) is {longest}, beyond the model's "
             f"max_seq_len {config.max_seq_len}"
         )
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"generate: temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.floating, np.integer))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
+        raise ValueError(
+            f"generate: temperature must be a finite number >= 0, got {temperature!r}"
+        )
+    if top_k is not None and (not _is_integer(top_k) or top_k < 1):
         raise ValueError(f"generate: top_k must be a positive integer, got {top_k!r}")
     if temperature > 0 and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a key")
@@ -608,10 +632,10 @@ def generate(
         keys,
     )
     options = dict(
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=int(max_new_tokens),
         num_drafts=num_drafts,
         temperature=float(temperature),
-        top_k=top_k,
+        top_k=None if top_k is None else int(top_k),
         record=record,
     )
     start = time.perf_counter()

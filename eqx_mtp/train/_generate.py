@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 import jax
@@ -44,8 +45,10 @@ def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
         raise UserError(
             f"--max-new-tokens: must be a positive integer, got {config.max_new_tokens}"
         )
-    if config.temperature < 0:
-        raise UserError(f"--temperature: must be >= 0, got {config.temperature}")
+    if not math.isfinite(config.temperature) or config.temperature < 0:
+        raise UserError(
+            f"--temperature: must be a finite number >= 0, got {config.temperature}"
+        )
     if config.top_k is not None and config.top_k < 1:
         raise UserError(f"--top-k: must be a positive integer, got {config.top_k}")
     if not pathlib.Path(config.run).exists():
