@@ -221,13 +221,11 @@ def _draft(
         params, k, depth_key, layer_k, layer_v = xs
         depth = eqx.combine(params, static)
         layer = depths.shared_layer if depth.layer is None else depth.layer
-        x = previous if sequential else source
         if sequential:
             ahead = seq[jnp.minimum(positions + k, length - 1)]
-            combined = jnp.concatenate(
-                [depth.enorm(trunk.embedding[ahead]), depth.hnorm(x)], axis=-1
-            )
-            x = dense(depth.eh_proj, combined)
+            x = depth.layer_input(previous, trunk.embedding[ahead])
+        else:
+            x = source
         if layer_k is None:
             h_k = layer(x, positions=positions, segment_ids=jnp.ones_like(positions))
         else:

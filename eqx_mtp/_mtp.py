@@ -104,16 +104,24 @@ class MTPDepth(eqx.Module):
         """This depth's hidden state from the previous depth's (or, parallel, the
         trunk's) and the embeddings of the tokens `k` places ahead."""
         layer = self.layer if layer is None else layer
-        if self.eh_proj is None:
-            x = hidden
-        else:
-            assert self.enorm is not None and self.hnorm is not None
-            assert next_embeddings is not None
-            combined = jnp.concatenate(
-                [self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1
-            )
-            x = dense(self.eh_proj, combined)
+        x = self.layer_input(hidden, next_embeddings)
         return layer(x, positions=positions, segment_ids=segment_ids)
+
+    def layer_input(
+        self,
+        hidden: Float[Array, "seq dim"],
+        next_embeddings: Float[Array, "seq dim"] | None,
+    ) -> Float[Array, "seq dim"]:
+        """What the depth's layer reads: `eh_proj([enorm(e) ; hnorm(h)])`
+        (sequential), or `hidden` itself (parallel)."""
+        if self.eh_proj is None:
+            return hidden
+        assert self.enorm is not None and self.hnorm is not None
+        assert next_embeddings is not None
+        combined = jnp.concatenate(
+            [self.enorm(next_embeddings), self.hnorm(hidden)], axis=-1
+        )
+        return dense(self.eh_proj, combined)
 
 
 class MTPDepths(eqx.Module):
