@@ -304,7 +304,7 @@ def test_bad_generate_input():
         (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
         (dict(max_new_tokens=40), "beyond the model's max_seq_len 32"),
         (dict(prompt_tokens=[[1, 99]]), r"must lie in \[0, 19\)"),
-        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
         (dict(temperature=0.7), "needs a key"),
         (dict(top_k=0), "top_k must be a positive integer"),
         (
