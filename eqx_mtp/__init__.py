@@ -9,11 +9,23 @@ from ._decode import (
     trunk_forward_cached as trunk_forward_cached,
 )
 from ._fused_ce import fused_cross_entropy as fused_cross_entropy
+from ._llama_weights import (
+    WeightsError as WeightsError,
+    hf_config as hf_config,
+    load_llama as load_llama,
+    model_config_from_hf as model_config_from_hf,
+    model_tensors as model_tensors,
+    save_llama as save_llama,
+)
 from ._loss import (
     mtp_loss as mtp_loss,
     mtp_loss_sums as mtp_loss_sums,
     reduce_losses as reduce_losses,
     resolve_mtp_weight as resolve_mtp_weight,
+)
+from ._maxtext import (
+    load_maxtext_mtp as load_maxtext_mtp,
+    maxtext_loss_mask as maxtext_loss_mask,
 )
 from ._mesh import (
     MESH_AXES as MESH_AXES,

@@ -22,6 +22,24 @@ def depth_layer_factory(config: ModelConfig):
     return lambda key: LinearBlock(config.dim, key=key)
 
 
+def build_depths(config: ModelConfig, *, key: PRNGKeyArray) -> MTPDepths | None:
+    """The `config.num_depths` depths of an [`eqx_mtp.MTPModel`][], freshly
+    initialised (`None` when there are none)."""
+    if config.num_depths == 0:
+        return None
+    return MTPDepths(
+        config.num_depths,
+        config.dim,
+        make_layer=depth_layer_factory(config),
+        kind=config.mtp_kind,
+        shared_layer=config.shared_depth_layer,
+        depth_final_norm=config.depth_final_norm,
+        norm_eps=config.norm_eps,
+        remat=config.remat,
+        key=key,
+    )
+
+
 class MTPModel(eqx.Module):
     """A decoder trunk with `config.num_depths` multi-token-prediction depths.
 
@@ -45,20 +63,7 @@ class MTPModel(eqx.Module):
             )
         trunk_key, depths_key = jax.random.split(key)
         self.trunk = Transformer(config, key=trunk_key)
-        if config.num_depths == 0:
-            self.depths = None
-        else:
-            self.depths = MTPDepths(
-                config.num_depths,
-                config.dim,
-                make_layer=depth_layer_factory(config),
-                kind=config.mtp_kind,
-                shared_layer=config.shared_depth_layer,
-                depth_final_norm=config.depth_final_norm,
-                norm_eps=config.norm_eps,
-                remat=config.remat,
-                key=depths_key,
-            )
+        self.depths = build_depths(config, key=depths_key)
         self.config = config
 
     def __call__(

@@ -1,3 +1,4 @@
+import gc
 import os
 
 # Before JAX is imported anywhere: 8 simulated CPU devices for the multi-device tests.
@@ -33,3 +34,17 @@ def corpus(tmp_path_factory):
         text = " ".join(rng.choice(words, size=rng.integers(5, 40)))
         (root / f"doc{i:02d}.py").write_text(text + "\n")
     return str(root)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module.
+
+    The suite compiles hundreds of programs in one process on 8 simulated devices,
+    and CI once died of a segmentation fault inside XLA's compiler late in the run
+    (a test that passes alone); keeping the process small is the cheap precaution.
+    Modules share few programs, so little is compiled twice.
+    """
+    yield
+    jax.clear_caches()
+    gc.collect()
