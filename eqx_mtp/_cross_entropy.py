@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ._checks import check_choice, check_chunk_size, check_head_inputs
 from ._config import LOSS_IMPLS
-from ._fused_ce import DEFAULT_CHUNK_SIZE, fused_cross_entropy, fused_loss_sum
+from ._fused_ce import DEFAULT_CHUNK_SIZE, loss_sum_unchecked, token_losses_unchecked
 
 
 def naive_loss_sum(
@@ -55,20 +56,32 @@ def head_loss_sum(
 
     `(loss_sum, token_count)`: a float32 and an int32 scalar.
     """
+    fn = "head_loss_sum"
+    check_head_inputs(fn, hidden, unembedding, targets, where, layout="tokens")
+    check_chunk_size(fn, "chunk_size", chunk_size)
+    check_choice(fn, "impl", impl, LOSS_IMPLS)
+    return head_loss_sum_unchecked(
+        hidden, unembedding, targets, where, chunk_size=chunk_size, impl=impl
+    )
+
+
+def head_loss_sum_unchecked(hidden, unembedding, targets, where, *, chunk_size, impl):
+    """`head_loss_sum` without its input checks, for callers that checked them."""
     if impl == "fused":
-        total = fused_loss_sum(
+        total = loss_sum_unchecked(
             hidden, unembedding, targets, where, chunk_size=chunk_size
         )
     elif impl == "chunked":
         total = jnp.sum(
-            fused_cross_entropy(
-                hidden, unembedding, targets, where=where, chunk_size=chunk_size
+            token_losses_unchecked(
+                hidden,
+                unembedding,
+                targets,
+                where=where,
+                chunk_size=chunk_size,
+                vocab_chunk_size=None,
             )
         )
-    elif impl == "naive":
-        total = naive_loss_sum(hidden, unembedding, targets, where)
     else:
-        raise ValueError(
-            f"impl must be one of {', '.join(map(repr, LOSS_IMPLS))}, got {impl!r}"
-        )
+        total = naive_loss_sum(hidden, unembedding, targets, where)
     return total, jnp.sum(where, dtype=jnp.int32)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ._checks import check_chunk_size, check_head_inputs
+
 DEFAULT_CHUNK_SIZE = 256
 
 
@@ -48,13 +50,6 @@ def _grad_unembed(g: Array, h: Array) -> Array:
         (((0,), (0,)), ((), ())),
         preferred_element_type=jnp.float32,
     )
-
-
-def _check_chunk(name: str, value: int | None) -> None:
-    if value is not None and (
-        not isinstance(value, int) or isinstance(value, bool) or value < 1
-    ):
-        raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
 
 def _chunked(x: Array, chunk: int, fill) -> Array:
@@ -230,8 +225,26 @@ def fused_cross_entropy(
 
     `[tokens]` float32 losses, `0` where `where` is `False`.
     """
-    _check_chunk("chunk_size", chunk_size)
-    _check_chunk("vocab_chunk_size", vocab_chunk_size)
+    fn = "fused_cross_entropy"
+    check_head_inputs(
+        fn, hidden, unembed, targets, where, layout="tokens", unembedding_name="unembed"
+    )
+    check_chunk_size(fn, "chunk_size", chunk_size)
+    check_chunk_size(fn, "vocab_chunk_size", vocab_chunk_size)
+    return token_losses_unchecked(
+        hidden,
+        unembed,
+        targets,
+        where=where,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+
+
+def token_losses_unchecked(
+    hidden, unembed, targets, *, where, chunk_size, vocab_chunk_size
+):
+    """`fused_cross_entropy` without its input checks."""
     num_tokens = hidden.shape[0]
     if where is None:
         where = jnp.ones((num_tokens,), jnp.bool_)
@@ -334,7 +347,16 @@ def fused_loss_sum(
     single chunked matmul. Arguments as for [`eqx_mtp.fused_cross_entropy`][], except
     that `where` is required and the vocabulary is never split.
     """
-    _check_chunk("chunk_size", chunk_size)
+    fn = "fused_loss_sum"
+    check_head_inputs(
+        fn, hidden, unembed, targets, where, layout="tokens", unembedding_name="unembed"
+    )
+    check_chunk_size(fn, "chunk_size", chunk_size)
+    return loss_sum_unchecked(hidden, unembed, targets, where, chunk_size=chunk_size)
+
+
+def loss_sum_unchecked(hidden, unembed, targets, where, *, chunk_size):
+    """`fused_loss_sum` without its input checks."""
     num_tokens = hidden.shape[0]
     if num_tokens == 0:
         return jnp.zeros((), jnp.float32)

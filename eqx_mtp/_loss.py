@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
+from ._checks import Shapes, check_float, check_ids, check_mask, check_same_shape
 from ._mesh import (
     CONTEXT,
     DATA,
@@ -23,7 +24,7 @@ from ._mesh import (
     tracing_on,
 )
 from ._model import MTPModel
-from ._mtp import mtp_depth_losses
+from ._mtp import depth_losses_unchecked
 from ._schedule import MTPWeight
 from ._targets import depth_targets, segment_positions
 from ._vocab_parallel import rows_head_loss_sum
@@ -47,14 +48,10 @@ def check_batch(
     if not isinstance(model, MTPModel):
         raise TypeError(f"model must be an eqx_mtp.MTPModel, got {type(model)}")
     config = model.config
-    if getattr(tokens, "ndim", None) != 2:
-        raise ValueError(
-            "tokens must have shape [batch, seq], got shape "
-            f"{getattr(tokens, 'shape', None)}"
-        )
-    if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
-    seq_len = tokens.shape[1]
+    # Messages without the function's name: mtp_loss and mtp_loss_sums share them.
+    shape = Shapes(None).check("tokens", tokens, "batch seq")
+    check_ids(None, "tokens", tokens)
+    seq_len = shape[1]
     if seq_len > config.max_seq_len:
         raise ValueError(
             f"tokens: seq_len={seq_len} exceeds the model's max_seq_len="
@@ -66,21 +63,18 @@ def check_batch(
             "depth D predicts the token D + 1 places ahead, so seq_len must be at "
             "least num_depths + 2"
         )
-    for name, value, kind in (
-        ("segment_ids", segment_ids, jnp.integer),
-        ("positions", positions, jnp.integer),
-        ("loss_mask", loss_mask, jnp.bool_),
+    for name, value in (
+        ("segment_ids", segment_ids),
+        ("positions", positions),
+        ("loss_mask", loss_mask),
     ):
         if value is None:
             continue
-        if value.shape != tokens.shape:
-            raise ValueError(
-                f"{name} must have the shape of tokens {tokens.shape}, "
-                f"got {value.shape}"
-            )
-        if not jnp.issubdtype(value.dtype, kind):
-            expected = "boolean" if kind is jnp.bool_ else "integer"
-            raise TypeError(f"{name} must be a {expected} array, got {value.dtype}")
+        check_same_shape(None, name, value, shape, like="tokens")
+        if name == "loss_mask":
+            check_mask(None, name, value)
+        else:
+            check_ids(None, name, value)
     if mesh is not None:
         check_mesh(mesh)
         check_batch_fits_mesh(mesh, tokens.shape, name="tokens")
@@ -132,6 +126,18 @@ def mtp_loss_sums(
         loss_mask=loss_mask,
         mesh=mesh,
     )
+    return _loss_sums(
+        model,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        mesh=mesh,
+    )
+
+
+def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh):
+    """`mtp_loss_sums` after `check_batch`."""
     vocab_size = model.config.vocab_size
     # The check runs on a scalar that the tokens then depend on, so that a sharded
     # batch stays sharded (a checked array would be gathered onto one device).
@@ -187,7 +193,8 @@ def mtp_loss_sums(
     )
     if model.depths is None:
         return main_sum[None], main_count[None]
-    depth_sums, depth_counts = mtp_depth_losses(
+    # The batch is checked above; the depths' own checks would read the tokens again.
+    depth_sums, depth_counts = depth_losses_unchecked(
         model.depths,
         hidden,
         tokens,
@@ -295,8 +302,20 @@ def reduce_losses(
     `(loss, aux)`; `aux` holds `loss_sums`, `token_counts`, `depth_losses` (each
     depth's mean, index 0 the main objective), `main_loss` and `mtp_loss`.
     """
+    shapes = Shapes("reduce_losses")
+    shapes.check("loss_sums", loss_sums, "depths_plus_one")
+    check_float("reduce_losses", "loss_sums", loss_sums)
+    shapes.check("token_counts", token_counts, "depths_plus_one")
+    check_ids("reduce_losses", "token_counts", token_counts)
+    if loss_sums.shape[0] < 1:
+        raise ValueError(
+            "reduce_losses: loss_sums must hold at least the main objective's sum, "
+            "got shape (0,)"
+        )
     if reduction not in ("mean", "pooled"):
-        raise ValueError(f"reduction must be 'mean' or 'pooled', got {reduction!r}")
+        raise ValueError(
+            f"reduce_losses: reduction must be 'mean' or 'pooled', got {reduction!r}"
+        )
     weight = resolve_mtp_weight(mtp_weight, step)
     counts = jnp.maximum(token_counts, 1).astype(jnp.float32)
     depth_losses = loss_sums / counts
@@ -356,7 +375,15 @@ def mtp_loss(
 
     `(loss, aux)` as [`eqx_mtp.reduce_losses`][] returns them.
     """
-    loss_sums, token_counts = mtp_loss_sums(
+    check_batch(
+        model,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        mesh=mesh,
+    )
+    loss_sums, token_counts = _loss_sums(
         model,
         tokens,
         segment_ids=segment_ids,

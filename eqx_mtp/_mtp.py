@@ -11,7 +11,16 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ._config import MTPKind, RematPolicy
+from ._checks import (
+    Shapes,
+    check_choice,
+    check_chunk_size,
+    check_final_norm,
+    check_float,
+    check_ids,
+    check_token_arrays,
+)
+from ._config import LOSS_IMPLS, MTPKind, RematPolicy
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import map_rows, tracing_on
 from ._roll import roll_and_mask
@@ -197,6 +206,53 @@ class MTPDepths(eqx.Module):
         return depth
 
 
+def _depths_dim(depths: MTPDepths) -> int | None:
+    """The width of the depths' hidden states, read from a norm's scale; `None` when
+    they have no norm (parallel depths without their own final norm)."""
+    for norm in (depths.depths.hnorm, depths.depths.enorm, depths.depths.norm):
+        if norm is not None:
+            return norm.weight.shape[-1]
+    return None
+
+
+def _check_depth_inputs(
+    fn: str,
+    depths,
+    hidden,
+    tokens,
+    *,
+    embedding,
+    final_norm,
+    segment_ids,
+    positions,
+    unembedding=None,
+    loss_mask=None,
+) -> None:
+    """The arguments of `scan_depths` and `mtp_depth_losses`, in signature order."""
+    if not isinstance(depths, MTPDepths):
+        raise TypeError(
+            f"{fn}: depths must be an eqx_mtp.MTPDepths, got {type(depths).__name__}"
+        )
+    shapes = Shapes(fn)
+    dim = _depths_dim(depths)
+    if dim is not None:
+        shapes.bind("dim", dim, "depths")
+    shapes.check("hidden", hidden, "batch seq dim")
+    check_float(fn, "hidden", hidden)
+    shapes.check("tokens", tokens, "batch seq")
+    check_ids(fn, "tokens", tokens)
+    shapes.check("embedding", embedding, "vocab dim")
+    check_float(fn, "embedding", embedding)
+    if unembedding is not None:
+        shapes.check("unembedding", unembedding, "vocab dim")
+        check_float(fn, "unembedding", unembedding)
+    check_final_norm(fn, final_norm, hidden.shape[-1], hidden.dtype)
+    check_token_arrays(
+        shapes, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask
+    )
+    check_ids(fn, "tokens", tokens, vocab_size=embedding.shape[0], vocab_of="embedding")
+
+
 def _batched_row_defaults(tokens, segment_ids, positions):
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
@@ -239,6 +295,36 @@ def scan_depths(
 
     `readout`'s outputs stacked along a new leading depth axis of size `num_depths`.
     """
+    _check_depth_inputs(
+        "scan_depths",
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        final_norm=final_norm,
+        segment_ids=segment_ids,
+        positions=positions,
+    )
+    if not callable(readout):
+        raise TypeError(
+            f"scan_depths: readout must be callable, got {type(readout).__name__}"
+        )
+    return _scan_depths(
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        final_norm=final_norm,
+        readout=readout,
+        segment_ids=segment_ids,
+        positions=positions,
+    )
+
+
+def _scan_depths(
+    depths, hidden, tokens, *, embedding, final_norm, readout, segment_ids, positions
+):
+    """`scan_depths` without its input checks."""
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
     dynamic, static = eqx.partition(depths.depths, eqx.is_array)
     shared_layer = depths.shared_layer
@@ -318,7 +404,62 @@ def mtp_depth_losses(
 
     `(loss_sums, token_counts)`, each of shape `[num_depths]`; entry `k - 1` belongs to
     depth `k`, which predicts `t_{i+k+1}`. Nothing is divided: reduce them globally.
+
+    **Raises:**
+
+    `TypeError`/`ValueError` naming the argument when shapes disagree, ids are not
+    integers, `loss_mask` is not boolean (an integer mask, e.g. MaxText's target mask
+    of segment ids, is refused: pass `loss_mask != 0`), a token id of a concrete
+    `tokens` lies outside the vocabulary, or `final_norm` does not act on the last
+    axis.
     """
+    _check_depth_inputs(
+        "mtp_depth_losses",
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        unembedding=unembedding,
+        final_norm=final_norm,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+    )
+    check_chunk_size("mtp_depth_losses", "loss_chunk_size", loss_chunk_size)
+    check_choice("mtp_depth_losses", "loss_impl", loss_impl, LOSS_IMPLS)
+    return depth_losses_unchecked(
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        unembedding=unembedding,
+        final_norm=final_norm,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        loss_chunk_size=loss_chunk_size,
+        loss_impl=loss_impl,
+        mesh=mesh,
+    )
+
+
+def depth_losses_unchecked(
+    depths,
+    hidden,
+    tokens,
+    *,
+    embedding,
+    unembedding,
+    final_norm,
+    segment_ids=None,
+    positions=None,
+    loss_mask=None,
+    loss_chunk_size=DEFAULT_CHUNK_SIZE,
+    loss_impl="fused",
+    mesh=None,
+):
+    """`mtp_depth_losses` without its input checks, for callers that checked the
+    batch already (`mtp_loss_sums`)."""
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
 
     def readout(k, normed):
@@ -336,7 +477,7 @@ def mtp_depth_losses(
         )
 
     with tracing_on(mesh):
-        return scan_depths(
+        return _scan_depths(
             depths,
             hidden,
             tokens,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int, Shaped
 
+from ._checks import Shapes, check_ids, check_integer
+
 
 def roll_and_mask(
     x: Shaped[Array, "batch seq *rest"],
@@ -31,19 +33,15 @@ def roll_and_mask(
 
     An array of the same shape and dtype as `x`.
     """
-    if x.ndim < 2:
-        raise ValueError(
-            f"roll_and_mask: x must have shape [batch, seq, ...], got shape {x.shape}"
-        )
+    shapes = Shapes("roll_and_mask")
+    shapes.check("x", x, "batch seq ...")
+    check_integer("roll_and_mask", "shift", shift)
     seq_len = x.shape[1]
     source = jnp.arange(seq_len) - shift
     keep = ((source >= 0) & (source < seq_len))[None, :]
     if segment_ids is not None:
-        if segment_ids.shape != x.shape[:2]:
-            raise ValueError(
-                "roll_and_mask: segment_ids must have shape [batch, seq] = "
-                f"{x.shape[:2]}, got {segment_ids.shape}"
-            )
+        shapes.check("segment_ids", segment_ids, "batch seq")
+        check_ids("roll_and_mask", "segment_ids", segment_ids)
         source_segment = jnp.roll(segment_ids, shift, axis=1)
         keep = keep & (source_segment == segment_ids) & (source_segment != 0)
     keep = keep.reshape(keep.shape + (1,) * (x.ndim - 2))

@@ -6,7 +6,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
+from ._checks import Shapes, check_ids, check_integer, check_token_arrays
 from ._roll import roll_and_mask
+
+
+def _check_tokens(fn: str, tokens, *, segment_ids=None, loss_mask=None) -> None:
+    shapes = Shapes(fn)
+    shapes.check("tokens", tokens, "batch seq")
+    check_ids(fn, "tokens", tokens)
+    check_token_arrays(shapes, segment_ids=segment_ids, loss_mask=loss_mask)
 
 
 def depth_targets(
@@ -38,6 +46,8 @@ def depth_targets(
 
     `(targets, valid)`: the target ids (zero where invalid) and the boolean validity.
     """
+    _check_tokens("depth_targets", tokens, segment_ids=segment_ids, loss_mask=loss_mask)
+    check_integer("depth_targets", "depth", depth, minimum=0)
     shift = -(depth + 1)
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
@@ -61,6 +71,8 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     `[batch, seq]` int32 positions: the distance of each token from the first token of
     its run of equal segment ids.
     """
+    Shapes("segment_positions").check("segment_ids", segment_ids, "batch seq")
+    check_ids("segment_positions", "segment_ids", segment_ids)
     seq_len = segment_ids.shape[1]
     index = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
     starts = jnp.concatenate(
@@ -85,6 +97,18 @@ def valid_token_counts(
     model: the `token_counts` that [`eqx_mtp.mtp_loss_sums`][] will return for this
     batch. Known before the forward pass, so a loss built from globally reduced
     counts can be differentiated one micro-batch at a time."""
+    _check_tokens(
+        "valid_token_counts", tokens, segment_ids=segment_ids, loss_mask=loss_mask
+    )
+    if isinstance(num_depths, bool) or not isinstance(num_depths, int):
+        raise TypeError(
+            "valid_token_counts: num_depths must be a Python int, got "
+            f"{type(num_depths).__name__}"
+        )
+    if num_depths < 0:
+        raise ValueError(
+            f"valid_token_counts: num_depths must be >= 0, got {num_depths}"
+        )
 
     def count(depth):
         _, valid = depth_targets(

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
+from ._checks import check_choice, check_chunk_size, check_head_inputs
 from ._config import LOSS_IMPLS
-from ._cross_entropy import head_loss_sum, naive_loss_sum
+from ._cross_entropy import head_loss_sum_unchecked, naive_loss_sum
 from ._fused_ce import (
     DEFAULT_CHUNK_SIZE,
-    _check_chunk,
     _chunked,
     _common_dtype,
     _grad_hidden,
@@ -274,35 +274,28 @@ def vocab_parallel_loss_sum(
 
     `(loss_sum, token_count)`: a float32 and an int32 scalar, replicated.
     """
+    fn = "vocab_parallel_loss_sum"
+    check_head_inputs(fn, hidden, unembedding, targets, where, layout="batch seq")
+    check_chunk_size(fn, "chunk_size", chunk_size)
+    check_choice(fn, "impl", impl, LOSS_IMPLS)
+    return vocab_parallel_unchecked(
+        hidden, unembedding, targets, where, mesh=mesh, chunk_size=chunk_size, impl=impl
+    )
+
+
+def vocab_parallel_unchecked(
+    hidden, unembedding, targets, where, *, mesh, chunk_size, impl
+):
+    """`vocab_parallel_loss_sum` without its input checks, but with the mesh's, which
+    the shapes of a batch split over it must meet."""
     check_mesh(mesh)
-    _check_chunk("chunk_size", chunk_size)
-    if getattr(hidden, "ndim", None) != 3:
-        raise ValueError(
-            "hidden must have shape [batch, seq, dim], got shape "
-            f"{getattr(hidden, 'shape', None)}"
-        )
     batch, seq_len, dim = hidden.shape
-    if getattr(unembedding, "ndim", None) != 2 or unembedding.shape[1] != dim:
-        raise ValueError(
-            f"unembedding must have shape [vocab, {dim}], got shape "
-            f"{getattr(unembedding, 'shape', None)}"
-        )
-    for name, value in (("targets", targets), ("where", where)):
-        if getattr(value, "shape", None) != (batch, seq_len):
-            raise ValueError(
-                f"{name} must have shape [batch, seq] = {(batch, seq_len)}, got "
-                f"{getattr(value, 'shape', None)}"
-            )
     check_batch_fits_mesh(mesh, (batch, seq_len), name="hidden")
     if impl == "naive":
         total = naive_loss_sum(
             hidden.reshape(-1, dim), unembedding, targets.reshape(-1), where.reshape(-1)
         )
         return total, jnp.sum(where, dtype=jnp.int32)
-    if impl not in ("fused", "chunked"):
-        raise ValueError(
-            f"impl must be one of {', '.join(map(repr, LOSS_IMPLS))}, got {impl!r}"
-        )
     vocab_size = unembedding.shape[0]
     pad = -vocab_size % mesh.shape[MODEL]
     w = jnp.pad(unembedding, ((0, pad), (0, 0))) if pad else unembedding
@@ -324,9 +317,14 @@ def rows_head_loss_sum(
     impl: str = "fused",
 ) -> tuple[Float[Array, ""], Int[Array, ""]]:
     """The head loss of `[batch, seq]` rows: [`eqx_mtp.head_loss_sum`][] on one
-    device (`mesh=None`), [`eqx_mtp.vocab_parallel_loss_sum`][] over a mesh."""
+    device (`mesh=None`), [`eqx_mtp.vocab_parallel_loss_sum`][] over a mesh.
+
+    Its callers check their inputs (a batch, or the depths' arguments), so only the
+    choices are checked here, which no caller's check covers."""
+    check_chunk_size(None, "chunk_size", chunk_size)
+    check_choice(None, "impl", impl, LOSS_IMPLS)
     if mesh is None:
-        return head_loss_sum(
+        return head_loss_sum_unchecked(
             hidden.reshape(-1, hidden.shape[-1]),
             unembedding,
             targets.reshape(-1),
@@ -334,6 +332,6 @@ def rows_head_loss_sum(
             chunk_size=chunk_size,
             impl=impl,
         )
-    return vocab_parallel_loss_sum(
+    return vocab_parallel_unchecked(
         hidden, unembedding, targets, where, mesh=mesh, chunk_size=chunk_size, impl=impl
     )
