@@ -75,6 +75,7 @@ from .train._data import (
     EOS_ID as EOS_ID,
     PAD_ID as PAD_ID,
     DataError as DataError,
+    TokenIds as TokenIds,
     TrainBatches as TrainBatches,
     decode as decode,
     encode_document as encode_document,

@@ -495,4 +495,3 @@ def _shards(tensors: dict[str, np.ndarray], max_bytes: int | None) -> list[dict]
         shards[-1][name] = np.ascontiguousarray(tensor)
         size += tensor.nbytes
     return shards
-

@@ -12,6 +12,7 @@ from ._data import (
     EOS_ID as EOS_ID,
     PAD_ID as PAD_ID,
     DataError as DataError,
+    TokenIds as TokenIds,
     TrainBatches as TrainBatches,
     decode as decode,
     encode_document as encode_document,

@@ -13,8 +13,14 @@ from ._job import TrainConfig, UserError, load_config_file, train
 from ._preemption import EXIT_PREEMPTED, Preempted
 
 _HELP = {
-    "data": "a directory of text files, a .txt or a .jsonl (field 'text'); "
-    "default: the .py files of this Python's standard library",
+    "data": "a directory of text files, a .txt or a .jsonl (field 'text', or "
+    "'tokens' for token ids with --init-from); default: the .py files of this "
+    "Python's standard library",
+    "init_from": "start from a Hugging Face Llama-family checkpoint directory "
+    "(config.json + safetensors); --data then holds token ids",
+    "train_depths_only": "freeze the trunk: only the MTP depths learn",
+    "depth_grad_clip": "clip the depths' gradients by their own global norm, apart "
+    "from the trunk's; unset: one clip over all gradients",
     "run": "run directory (default runs/<timestamp>)",
     "resume": "must continue a checkpoint (of --run, default the newest run under "
     "runs/); without it, --run DIR continues DIR's newest checkpoint if it holds one "
@@ -30,6 +36,16 @@ _HELP = {
     "num_processes": "number of processes of a multi-process run",
     "process_id": "this process's index in a multi-process run",
     "distributed": "join a multi-process run whose peers JAX detects (TPU pod, SLURM)",
+}
+
+
+# Number fields whose default is None, so their type is not the default's.
+_OPTIONAL_NUMBERS = {
+    "max_seq_len": int,
+    "num_devices": int,
+    "num_processes": int,
+    "process_id": int,
+    "depth_grad_clip": float,
 }
 
 
@@ -54,13 +70,13 @@ def _parser() -> argparse.ArgumentParser:
             train_parser.add_argument(
                 flag, action="store_true", dest=field.name, help=help_text
             )
-        elif field.name in (
-            "max_seq_len",
-            "num_devices",
-            "num_processes",
-            "process_id",
-        ):
-            train_parser.add_argument(flag, type=int, dest=field.name, help=help_text)
+        elif field.name in _OPTIONAL_NUMBERS:
+            train_parser.add_argument(
+                flag,
+                type=_OPTIONAL_NUMBERS[field.name],
+                dest=field.name,
+                help=help_text,
+            )
         elif default is None or isinstance(default, str):
             train_parser.add_argument(flag, type=str, dest=field.name, help=help_text)
         else:

@@ -28,6 +28,23 @@ class DataError(ValueError):
     """A corpus, split or batching request that cannot be served."""
 
 
+class TokenIds(bytes):
+    """A document given as token ids of a foreign tokenizer (a `.jsonl` line's
+    `tokens` field), held as little-endian int32 bytes so that it hashes, splits and
+    orders like a text document. It is packed as it is: no `BOS_ID`/`EOS_ID` framing,
+    and padding takes id 0 (masked by segment id 0).
+
+    `TokenIds.of(ids)` builds one; `.ids()` gives the int32 array back.
+    """
+
+    @classmethod
+    def of(cls, ids: ArrayLike) -> TokenIds:
+        return cls(np.asarray(ids, "<i4").tobytes())
+
+    def ids(self) -> Int[np.ndarray, " length"]:
+        return np.frombuffer(self, "<i4").astype(np.int32)
+
+
 def encode_document(text: bytes | str) -> Int[np.ndarray, " length"]:
     """Byte-level token ids of one document, framed by `BOS_ID` and `EOS_ID`.
 
@@ -130,6 +147,7 @@ def _txt_documents(path: str) -> list[bytes]:
 
 def _jsonl_documents(path: str) -> list[bytes]:
     documents = []
+    kinds = set()
     with open(path, "rb") as file:
         for line_number, line in enumerate(file, start=1):
             if not line.strip():
@@ -139,14 +157,47 @@ def _jsonl_documents(path: str) -> list[bytes]:
                 record = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{where}: expected a JSON object ({e})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{where}: expected a JSON object with a string 'text' field"
-                )
-            if text:
+            if isinstance(record, dict) and "tokens" in record:
+                kinds.add("tokens")
+                documents.append(_token_document(record["tokens"], where))
+            else:
+                kinds.add("text")
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise DataError(
+                        f"{where}: expected a JSON object with a string 'text' field "
+                        "or a 'tokens' list of token ids"
+                    )
                 documents.append(text.encode("utf-8", errors="replace"))
-    return documents
+            if len(kinds) > 1:
+                raise DataError(
+                    f"{where}: mixes 'text' and 'tokens' documents; a corpus is one "
+                    "or the other"
+                )
+    return [d for d in documents if d]
+
+
+def _token_document(tokens: Any, where: str) -> TokenIds:
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**31
+        for t in tokens
+    ):
+        raise DataError(
+            f"{where}: 'tokens' must be a list of non-negative integer token ids"
+        )
+    return TokenIds.of(tokens)
+
+
+def is_token_corpus(documents: Sequence[bytes]) -> bool:
+    """Whether `documents` are token ids (`TokenIds`) rather than text."""
+    return bool(documents) and isinstance(documents[0], TokenIds)
+
+
+def max_token_id(documents: Sequence[bytes]) -> int:
+    """The largest id in a corpus: a token id, or `EOS_ID` for text."""
+    if not is_token_corpus(documents):
+        return EOS_ID
+    return max(int(d.ids().max()) for d in documents)
 
 
 def load_documents(path: str | os.PathLike | None = None) -> list[bytes]:
@@ -166,7 +217,9 @@ def load_documents(path: str | os.PathLike | None = None) -> list[bytes]:
             whitespace). Each document is its run of non-blank lines joined by `\\n`,
             without the final newline.
         - a `.jsonl` file: one document per line, the line's string `text` field
-            encoded as UTF-8. Blank lines are skipped.
+            encoded as UTF-8, or its `tokens` field, a list of token ids of the
+            tokenizer of a model loaded with `--init-from` (each such document a
+            [`eqx_mtp.TokenIds`][]). A file holds one kind. Blank lines are skipped.
 
     Files are read as bytes and kept byte for byte (apart from the `.txt` separators);
     empty documents are dropped. Directory walks follow sorted paths.
@@ -266,7 +319,10 @@ def split_documents(
 
 
 def pack_documents(
-    token_arrays: Sequence[Int[np.ndarray, " _"]], seq_len: int
+    token_arrays: Sequence[Int[np.ndarray, " _"]],
+    seq_len: int,
+    *,
+    pad_id: int = PAD_ID,
 ) -> dict[str, Int[np.ndarray, "rows seq"]]:
     """Pack token sequences into rows of a fixed length.
 
@@ -278,12 +334,13 @@ def pack_documents(
 
     - `token_arrays`: one-dimensional token id arrays, e.g. from `encode_document`.
     - `seq_len`: the row length, positive.
+    - `pad_id`: the token id of padding.
 
     **Returns:**
 
     A dict of int32 `[rows, seq_len]` arrays, `rows = ceil(num_tokens / seq_len)`:
 
-    - `tokens`: the token ids, `PAD_ID` after the end of the stream.
+    - `tokens`: the token ids, `pad_id` after the end of the stream.
     - `segment_ids`: `1, 2, 3, ...` for the pieces of sequences within each row, `0`
         for padding.
     - `positions`: the offset of each token from the start of its segment (restarting
@@ -297,7 +354,7 @@ def pack_documents(
     num_tokens = int(lengths.sum())
     num_rows = -(-num_tokens // seq_len)
     packed = {k: np.zeros(num_rows * seq_len, np.int32) for k in _PACKED_KEYS}
-    packed["tokens"][:] = PAD_ID
+    packed["tokens"][:] = pad_id
     if num_tokens:
         # Token g of the stream belongs to document d(g) and row g // seq_len; its
         # segment starts at the later of the document's start and the row's start,
@@ -316,8 +373,16 @@ def pack_documents(
     return {k: v.reshape(num_rows, seq_len) for k, v in packed.items()}
 
 
+def _pad_id(documents: Sequence[bytes]) -> int:
+    return 0 if is_token_corpus(documents) else PAD_ID
+
+
 def _pack_text(documents: Sequence[bytes], seq_len: int) -> dict[str, np.ndarray]:
-    return pack_documents([encode_document(d) for d in documents], seq_len)
+    """Text documents byte-encoded and framed; token documents as they are."""
+    arrays = [
+        d.ids() if isinstance(d, TokenIds) else encode_document(d) for d in documents
+    ]
+    return pack_documents(arrays, seq_len, pad_id=_pad_id(documents))
 
 
 class TrainBatches(Iterator[dict[str, np.ndarray]]):
@@ -469,7 +534,8 @@ def eval_batches(
 
     A list of dicts of int32 `[batch_size, seq_len]` arrays `tokens`, `segment_ids`
     and `positions` (see `pack_documents`). The last batch is completed with padding
-    rows (`PAD_ID`, segment `0`, position `0`), which carry no loss.
+    rows (`PAD_ID`, or 0 for token documents; segment `0`, position `0`), which
+    carry no loss.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
@@ -478,7 +544,7 @@ def eval_batches(
     rows = _pack_text(documents, seq_len)
     num_rows = len(rows["tokens"])
     num_padding_rows = -num_rows % batch_size
-    padding_values = {"tokens": PAD_ID, "segment_ids": 0, "positions": 0}
+    padding_values = {"tokens": _pad_id(documents), "segment_ids": 0, "positions": 0}
     padded = {
         k: np.concatenate(
             [rows[k], np.full((num_padding_rows, seq_len), padding_values[k], np.int32)]

@@ -11,7 +11,7 @@ import numpy as np
 
 from .._decode import generate
 from ._checkpoint import CheckpointError, load_checkpoint
-from ._data import EOS_ID, decode, encode_document
+from ._data import BYTE_VOCAB_SIZE, EOS_ID, decode, encode_document
 from ._job import UserError
 
 
@@ -57,6 +57,12 @@ def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
         model, _ = load_checkpoint(config.run, step=config.step)
     except CheckpointError as error:
         raise UserError(f"--run: {error}") from None
+    if model.config.vocab_size != BYTE_VOCAB_SIZE:
+        raise UserError(
+            f"--run: the model reads a tokenizer of {model.config.vocab_size} ids "
+            "(a run from --init-from), not bytes; call eqx_mtp.generate with that "
+            "tokenizer's ids"
+        )
     prompt = encode_document(config.prompt)[:-1]  # BOS and the bytes, no EOS
     longest = model.config.max_seq_len
     if prompt.shape[0] + config.max_new_tokens > longest:

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .._config import ModelConfig
+from .._llama_weights import CONFIG_FILE, WeightsError, load_llama, model_config_from_hf
 from .._mesh import batch_sharding, make_mesh
 from .._model import MTPModel
 from .._schedule import parse_mtp_weight
@@ -30,7 +31,9 @@ from ._data import (
     BYTE_VOCAB_SIZE,
     TrainBatches,
     eval_batches,
+    is_token_corpus,
     load_documents,
+    max_token_id,
     split_documents,
 )
 from ._distributed import global_array, initialize, is_primary, process_box
@@ -56,7 +59,10 @@ class TrainConfig:
     single-process run; `coordinator`, `num_processes` and `process_id` start a
     multi-process run, `distributed` one whose peers JAX detects (TPU pods, SLURM).
     `remat`, `attention_impl` and `attention_block_size` default to `ModelConfig`'s;
-    like the mesh, they may change when a run continues.
+    like the mesh, they may change when a run continues. `init_from` starts from a
+    Hugging Face Llama-family checkpoint (see [`eqx_mtp.load_llama`][]): its
+    `config.json` sets the trunk's shape and vocabulary, and the documents are token
+    ids (a `.jsonl` with a `tokens` field); `train_depths_only` freezes the trunk.
     """
 
     data: str | None = None
@@ -85,6 +91,9 @@ class TrainConfig:
     min_learning_rate_ratio: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    depth_grad_clip: float | None = None
+    init_from: str | None = None
+    train_depths_only: bool = False
     mtp_weight: str = "0.3"
     reduction: str = "mean"
     seed: int = 0
@@ -135,6 +144,14 @@ class TrainConfig:
             raise UserError(
                 f"--reduction must be 'mean' or 'pooled', got {self.reduction!r}"
             )
+        if self.depth_grad_clip is not None and not (
+            isinstance(self.depth_grad_clip, int | float)
+            and self.depth_grad_clip > 0
+            and math.isfinite(self.depth_grad_clip)
+        ):
+            raise UserError(
+                f"--depth-grad-clip must be a number > 0, got {self.depth_grad_clip!r}"
+            )
         try:
             parse_mtp_weight(self.mtp_weight)
         except ValueError as error:
@@ -168,7 +185,10 @@ class TrainConfig:
         return axes
 
     def model_config(self) -> ModelConfig:
-        """The byte-level model this run trains."""
+        """The model this run trains: byte-level, or shaped by `init_from`'s
+        `config.json`."""
+        if self.init_from is not None:
+            return self._pretrained_config()
         try:
             return ModelConfig(
                 vocab_size=BYTE_VOCAB_SIZE,
@@ -186,9 +206,50 @@ class TrainConfig:
                 remat=self.remat,
                 attention_impl=self.attention_impl,
                 attention_block_size=self.attention_block_size,
+                train_depths_only=self.train_depths_only,
             )
         except ValueError as error:
             raise UserError(str(error).replace("ModelConfig.", "--")) from None
+
+    def _pretrained_config(self) -> ModelConfig:
+        config_file = pathlib.Path(self.init_from) / CONFIG_FILE
+        try:
+            hf = json.loads(config_file.read_text())
+        except (OSError, ValueError) as error:
+            message = f"--init-from: cannot read {config_file}: {error}"
+            raise UserError(message) from None
+        options = dict(
+            num_depths=self.num_depths,
+            mtp_kind=self.mtp_kind,
+            mtp_block=self.mtp_block,
+            depth_final_norm=self.depth_final_norm,
+            shared_depth_layer=self.shared_depth_layer,
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            attention_block_size=self.attention_block_size,
+            train_depths_only=self.train_depths_only,
+        )
+        if self.max_seq_len is not None:
+            options["max_seq_len"] = self.max_seq_len
+        try:
+            config = model_config_from_hf(hf, **options)
+        except ValueError as error:
+            message = str(error).replace("ModelConfig.", "--")
+            raise UserError(f"--init-from {self.init_from}: {message}") from None
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+            asked, stored = getattr(self, name), getattr(config, name)
+            if asked != defaults[name] and asked != stored:
+                raise UserError(
+                    f"--{_flag(name)}={asked} disagrees with --init-from's "
+                    f"config.json ({stored}); the checkpoint sets the trunk's shape"
+                )
+        if self.seq_len > config.max_seq_len:
+            raise UserError(
+                f"--seq-len={self.seq_len} exceeds --init-from's "
+                f"max_position_embeddings={config.max_seq_len}"
+            )
+        return config
 
 
 # Fields that may change between a run and its resumption: they do not change what
@@ -337,6 +398,7 @@ def train(
         raise UserError(f"--resume: no checkpoint to continue in {run}")
 
     documents = load_documents(config.data)
+    _check_corpus_fits_model(documents, config, model_config)
     train_docs, held_out = split_documents(
         documents, eval_fraction=config.eval_fraction, seed=config.seed
     )
@@ -363,7 +425,7 @@ def train(
     rng = jax.random.key(config.seed)
     # One device runs the plain program; otherwise the loss is vocabulary-parallel.
     loss_mesh = mesh if mesh.size > 1 else None
-    model = _init_model(model_config, config.seed, loss_mesh)
+    model = _init_model(model_config, config.seed, loss_mesh, config.init_from)
     optimizer = make_optimizer(
         model,
         learning_rate=config.learning_rate,
@@ -372,6 +434,7 @@ def train(
         min_learning_rate_ratio=config.min_learning_rate_ratio,
         weight_decay=config.weight_decay,
         grad_clip=config.grad_clip,
+        depth_grad_clip=config.depth_grad_clip,
     )
     opt_state = _init_opt_state(optimizer, model, loss_mesh)
     stored_config = _stored_config(config)
@@ -606,9 +669,45 @@ def _check_batch_fits(config: TrainConfig, mesh: Mesh) -> None:
         )
 
 
-def _init_model(config: ModelConfig, seed: int, mesh: Mesh | None) -> MTPModel:
+def _check_corpus_fits_model(
+    documents, config: TrainConfig, model_config: ModelConfig
+) -> None:
+    tokens = is_token_corpus(documents)
+    if config.init_from is not None and not tokens:
+        raise UserError(
+            "--init-from: a pretrained model reads its own tokenizer's ids; give "
+            "--data as a .jsonl file with a 'tokens' list per line"
+        )
+    if config.init_from is None and tokens:
+        raise UserError(
+            "--data holds token ids ('tokens' fields), which only a model loaded "
+            "with --init-from reads; the byte-level model reads text"
+        )
+    largest = max_token_id(documents)
+    if largest >= model_config.vocab_size:
+        raise UserError(
+            f"--data: token id {largest} is outside the vocabulary of "
+            f"{model_config.vocab_size} of --init-from's config.json"
+        )
+
+
+def _init_model(
+    config: ModelConfig, seed: int, mesh: Mesh | None, init_from: str | None = None
+) -> MTPModel:
     """The initial model, built straight into its shards on `mesh` (every process
-    computes the same values from `seed`)."""
+    computes the same values from `seed`), or loaded from `init_from` (every process
+    reads the same files) and placed there."""
+    if init_from is not None:
+        overrides = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
+        try:
+            model = load_llama(init_from, key=jax.random.key(seed), **overrides)
+        except WeightsError as error:
+            raise UserError(f"--init-from {init_from}: {error}") from None
+        if mesh is None:
+            return model
+        arrays, static = eqx.partition(model, eqx.is_array)
+        placed = jax.device_put(arrays, named_shardings(arrays, mesh))
+        return eqx.combine(placed, static)
     if mesh is None:
         return MTPModel(config, key=jax.random.key(seed))
 

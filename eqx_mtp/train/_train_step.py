@@ -34,6 +34,15 @@ def weight_decay_mask(model: MTPModel) -> PyTree[bool]:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _parameter_groups(params: PyTree) -> PyTree[str]:
+    """`"depths"` for the arrays under the model's `depths`, `"trunk"` for the rest."""
+
+    def group(path, _) -> str:
+        return "depths" if getattr(path[0], "name", "") == "depths" else "trunk"
+
+    return jax.tree_util.tree_map_with_path(group, params)
+
+
 def make_optimizer(
     model: MTPModel,
     *,
@@ -43,11 +52,39 @@ def make_optimizer(
     min_learning_rate_ratio: float = 0.1,
     weight_decay: float = 0.1,
     grad_clip: float = 1.0,
+    depth_grad_clip: float | None = None,
     b1: float = 0.9,
     b2: float = 0.95,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay, global-norm clipping, and weight
-    decay only where [`eqx_mtp.weight_decay_mask`][] says."""
+    decay only where [`eqx_mtp.weight_decay_mask`][] says.
+
+    **Arguments:**
+
+    - `model`: the model to optimise; its `config.train_depths_only` decides whether
+        the trunk learns.
+    - `learning_rate`: the peak learning rate, reached after `warmup_steps` and decayed
+        along a cosine to `learning_rate * min_learning_rate_ratio` at `total_steps`.
+    - `weight_decay`, `b1`, `b2`: AdamW's.
+    - `grad_clip`: the largest global norm of the gradients (of the trunk's alone when
+        `depth_grad_clip` is given).
+    - `depth_grad_clip`: `None` clips all gradients together by `grad_clip`; a float
+        clips the depths' gradients by their own global norm to this value, as a group
+        apart from the trunk's (as Megatron clips its MTP gradients).
+
+    **Returns:**
+
+    An optax transformation. With `train_depths_only` the trunk (embedding, blocks,
+    final norm, unembedding) is left exactly as it is: its updates are zero, with no
+    weight decay, and the state holds no moments for it. Without it, and with
+    `depth_grad_clip=None`, the state has the structure it always had, so existing
+    checkpoints restore into it.
+    """
+    if depth_grad_clip is not None and not depth_grad_clip > 0:
+        raise ValueError(
+            "make_optimizer: depth_grad_clip must be None or > 0, got "
+            f"{depth_grad_clip}"
+        )
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=learning_rate,
@@ -55,16 +92,37 @@ def make_optimizer(
         decay_steps=max(total_steps, warmup_steps + 1),
         end_value=learning_rate * min_learning_rate_ratio,
     )
-    return optax.chain(
-        optax.clip_by_global_norm(grad_clip),
-        optax.adamw(
-            schedule,
-            b1=b1,
-            b2=b2,
-            weight_decay=weight_decay,
-            mask=weight_decay_mask(model),
-        ),
+    adamw = optax.adamw(
+        schedule,
+        b1=b1,
+        b2=b2,
+        weight_decay=weight_decay,
+        mask=weight_decay_mask(model),
     )
+    if model.config.train_depths_only:
+        # The trunk's gradients are zero already, but AdamW's decoupled weight decay
+        # would still move its matrices: the trunk gets no update and no state.
+        depth_clip = grad_clip if depth_grad_clip is None else depth_grad_clip
+        return optax.multi_transform(
+            dict(
+                trunk=optax.set_to_zero(),
+                depths=optax.chain(optax.clip_by_global_norm(depth_clip), adamw),
+            ),
+            # A function, not a tree of labels: optax would call the `MTPModel`.
+            _parameter_groups,
+        )
+    if depth_grad_clip is None:
+        clip = optax.clip_by_global_norm(grad_clip)
+    else:
+        clip = optax.multi_transform(
+            dict(
+                trunk=optax.clip_by_global_norm(grad_clip),
+                depths=optax.clip_by_global_norm(depth_grad_clip),
+            ),
+            # A function, not a tree of labels: optax would call the `MTPModel`.
+            _parameter_groups,
+        )
+    return optax.chain(clip, adamw)
 
 
 def accumulated_loss_and_grad(
