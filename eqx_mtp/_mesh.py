@@ -13,6 +13,8 @@ DATA = "data"
 MODEL = "model"
 CONTEXT = "context"
 MESH_AXES = (DATA, MODEL, CONTEXT)
+"""The axis names of every mesh the library takes, in order: `("data", "model",
+"context")` ([`eqx_mtp.make_mesh`][])."""
 
 
 def make_mesh(

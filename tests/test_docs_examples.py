@@ -1,16 +1,35 @@
-"""The Python blocks of the docs pages run as written, in order, in one namespace.
+"""The Python blocks of the docs run as written: every page under `docs/` and the
+README, each page's blocks in order, in one namespace, in a temporary working
+directory.
 
 A page's blocks are its examples; a renamed function or a changed default breaks the
-page, and this test says so. The checkpoints they name are tiny random stand-ins
-written by `tests/llama_reference.py`.
+page, and this test says so. What a page takes for granted (a trained run under the
+name it uses, a checkpoint, a model or a batch its text describes) is set up by the
+page's entry in `SETUP`: tiny stand-ins, so every page runs in seconds. A block that
+cannot run here by nature (it needs a GPU, a pod, or hours) carries
+`<!-- no-test: why -->` on the line before its fence; `test_skipped_block` lists each
+such block, with its reason, as a skipped test.
 """
 
+import dataclasses
 import pathlib
 import re
+import shutil
 
+import jax
+import jax.numpy as jnp
+import pytest
+from helpers import TINY_JOB, tiny_config
 from llama_reference import write_llama_checkpoint
 
-DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs"
+import eqx_mtp
+from eqx_mtp.train import TrainConfig, train
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = ["README.md"] + sorted(
+    p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md")
+)
 TINY_LLAMA = dict(
     vocab_size=300,
     hidden_size=32,
@@ -21,26 +40,192 @@ TINY_LLAMA = dict(
     max_position_embeddings=128,
 )
 
+_FENCE = re.compile(r"^```\s*(\S*)(.*)$")
+_NO_TEST = re.compile(r"^<!--\s*no-test:\s*(.+?)\s*-->\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    """A fenced ```python block: `line` is the 1-based line of its first code line;
+    `skip` is the reason given by a `<!-- no-test: ... -->` line, the last non-blank
+    line before the fence."""
+
+    page: str
+    line: int
+    code: str
+    skip: str | None
+
+
+def page_blocks(page: str) -> list[Block]:
+    """The ```python blocks of a page (a path relative to the repository), in order."""
+    lines = (ROOT / page).read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = _FENCE.match(lines[i])
+        if fence is None:
+            i += 1
+            continue
+        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        if fence.group(1) == "python":
+            if fence.group(2).strip():
+                raise ValueError(
+                    f"{page}:{i + 1}: write ```python alone; a block that cannot run "
+                    "here takes <!-- no-test: why --> on the line before its fence"
+                )
+            before = [line for line in lines[:i] if line.strip()][-1:]
+            marker = _NO_TEST.match(before[0]) if before else None
+            code = "\n".join(lines[i + 1 : end]) + "\n"
+            blocks.append(Block(page, i + 2, code, marker and marker.group(1)))
+        i = end + 1
+    return blocks
+
 
 def python_blocks(page: str) -> list[str]:
-    """The fenced ```python blocks of a docs page, in order."""
-    text = (DOCS / page).read_text()
-    return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
+    """The code of the ```python blocks of a docs page (relative to `docs/`) that
+    run, in order."""
+    return [b.code for b in page_blocks(f"docs/{page}") if b.skip is None]
 
 
-def test_weights_page_runs(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    write_llama_checkpoint(
-        tmp_path / "SmolLM2-135M", **TINY_LLAMA, tie_word_embeddings=True
-    )
-    write_llama_checkpoint(
-        tmp_path / "Qwen2-0.5B", **TINY_LLAMA, extra_config={"attention_bias": True}
-    )
-    blocks = python_blocks("weights.md")
-    assert len(blocks) >= 5
-    namespace: dict = {}
+def run_page(page: str, namespace: dict) -> int:
+    """Run a page's blocks in order in `namespace`; the number run. Tracebacks name
+    the page and the line of the Markdown file."""
+    blocks = [b for b in page_blocks(page) if b.skip is None]
     for block in blocks:
-        exec(compile(block, "docs/weights.md", "exec"), namespace)
+        source = "\n" * (block.line - 1) + block.code
+        exec(compile(source, page, "exec"), namespace)
+    return len(blocks)
+
+
+# Stand-ins, by page. Each is called in the page's working directory and returns the
+# names the page's text takes as given.
+
+
+@pytest.fixture(scope="session")
+def trained_run(corpus, tmp_path_factory):
+    """A run directory of the tiny job: 2 steps, a checkpoint, metrics; rows of 16
+    tokens but positions up to 128, so the decoding examples have room."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    config = dict(
+        TINY_JOB,
+        data=corpus,
+        run=str(run),
+        steps=2,
+        batch_size=4,
+        num_devices=1,
+        max_seq_len=128,
+    )
+    train(TrainConfig(**config), progress=False)
+    return run
+
+
+def _readme(request) -> dict:
+    write_llama_checkpoint("path/to/checkpoint", **TINY_LLAMA)
+    return {}
+
+
+def _index(request) -> dict:
+    # "MTP on your own trunk": a researcher's trunk output for the quick start's
+    # `tokens` ([8, 128], byte vocabulary), packed two documents to a row.
+    dim, vocab = 16, eqx_mtp.BYTE_VOCAB_SIZE
+    keys = jax.random.split(jax.random.key(0), 4)
+    return dict(
+        depths=eqx_mtp.MTPDepths(
+            2, dim, make_layer=lambda k: eqx_mtp.MLPBlock(dim, 32, key=k), key=keys[0]
+        ),
+        hidden=jax.random.normal(keys[1], (8, 128, dim)),
+        my_embedding_matrix=jax.random.normal(keys[2], (vocab, dim)),
+        my_unembedding_matrix=jax.random.normal(keys[3], (vocab, dim)),
+        my_final_norm=eqx_mtp.RMSNorm(dim),
+        segment_ids=jnp.broadcast_to(
+            jnp.arange(128, dtype=jnp.int32) // 64 + 1, (8, 128)
+        ),
+    )
+
+
+def _distributed(request) -> dict:
+    # The model, batch and optimizer the page's text describes, tiny: 8 rows of 16
+    # tokens (the mesh's data axis of 4 divides them), 2 micro-batches for the step.
+    model = eqx_mtp.MTPModel(tiny_config(), key=jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 8, 16), 0, 19)
+    segment_ids = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32) // 8 + 1, (2, 8, 16))
+    return dict(
+        model=model,
+        tokens=tokens[0],
+        segment_ids=segment_ids[0],
+        batch=dict(tokens=tokens, segment_ids=segment_ids),
+        optimizer=eqx_mtp.make_optimizer(
+            model, learning_rate=1e-3, total_steps=10, warmup_steps=2
+        ),
+        mtp_weight=eqx_mtp.resolve_mtp_weight(0.3),
+    )
+
+
+def _run_named(name: str):
+    def setup(request) -> dict:
+        shutil.copytree(request.getfixturevalue("trained_run"), name)
+        return {}
+
+    return setup
+
+
+def _weights(request) -> dict:
+    write_llama_checkpoint("SmolLM2-135M", **TINY_LLAMA, tie_word_embeddings=True)
+    write_llama_checkpoint(
+        "Qwen2-0.5B", **TINY_LLAMA, extra_config={"attention_bias": True}
+    )
+    return {}
+
+
+SETUP = {
+    "README.md": _readme,
+    "docs/index.md": _index,
+    "docs/distributed.md": _distributed,
+    "docs/decoding.md": _run_named("runs/a"),
+    "docs/training.md": _run_named("runs/20261123-120000"),
+    "docs/weights.md": _weights,
+}
+# Pages with a test of their own below, which runs them and checks what they print.
+OWN_TEST = {"docs/weights.md"}
+
+
+@pytest.fixture
+def page_namespace(request, tmp_path, monkeypatch):
+    """`(page) -> namespace`: into a fresh directory, with the page's stand-ins."""
+    monkeypatch.chdir(tmp_path)
+
+    def make(page: str) -> dict:
+        setup = SETUP.get(page)
+        return {} if setup is None else setup(request)
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "page", [p for p in PAGES if page_blocks(p) and p not in OWN_TEST]
+)
+def test_page_runs(page, page_namespace):
+    run_page(page, page_namespace(page))
+
+
+@pytest.mark.parametrize(
+    "block",
+    [b for page in PAGES for b in page_blocks(page) if b.skip is not None],
+    ids=lambda b: f"{b.page}:{b.line}",
+)
+def test_skipped_block(block):
+    pytest.skip(f"{block.page}:{block.line}: {block.skip}")
+
+
+def test_every_python_fence_is_read():
+    # Counted apart from the extractor: a fence it misread would silently run nothing.
+    for page in PAGES:
+        fences = re.findall(r"^```python", (ROOT / page).read_text(), re.MULTILINE)
+        assert len(page_blocks(page)) == len(fences), page
+    assert {"README.md", "docs/index.md", "docs/weights.md"} <= set(PAGES)
+
+
+def test_weights_page_runs(page_namespace, capsys):
+    assert run_page("docs/weights.md", page_namespace("docs/weights.md")) >= 5
     printed = capsys.readouterr().out
     assert "2 2 True" in printed  # layers, depths, tied
     assert "attention_bias" in printed  # the refusal names the field

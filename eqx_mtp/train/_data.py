@@ -15,9 +15,17 @@ from jaxtyping import Int
 from numpy.typing import ArrayLike
 
 PAD_ID = 256
+"""The byte tokenizer's padding id: the filler of a packed row's tail (segment id 0,
+which carries no loss)."""
 BOS_ID = 257
+"""The byte tokenizer's beginning-of-document id; a prompt to
+[`eqx_mtp.generate`][] starts with it, as the documents it was trained on do."""
 EOS_ID = 258
+"""The byte tokenizer's end-of-document id; `eqx-mtp generate` cuts its continuation
+at the first one."""
 BYTE_VOCAB_SIZE = 259
+"""The byte tokenizer's vocabulary: the 256 bytes, then `PAD_ID`, `BOS_ID`,
+`EOS_ID`."""
 
 _PACKED_KEYS = ("tokens", "segment_ids", "positions")
 # Directories of the default corpus that hold installed packages, not the stdlib.
