@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: model shapes, results, the docs table."""
+"""Shared pieces of the benchmark scripts: the flags every script takes, where it ran,
+model shapes, results, the docs table."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import pathlib
 import platform
 import statistics
 import subprocess
+import sys
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 import eqx_mtp
@@ -22,48 +25,118 @@ import eqx_mtp
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
+# Set by `python -m benchmarks`: a file where process 0 lists what it writes.
+REPORT = "BENCHMARKS_SUITE_REPORT"
 
 _DOC_HEADER = """# Benchmarks
 
-Scripts in `benchmarks/` (not collected by `pytest`). Each writes
-`benchmarks/results/<name>.json` and rewrites its own section below, between
-`<!-- BEGIN name -->` / `<!-- END name -->` markers. Timings come after a warm-up call,
-so compile time is reported apart, and every timed call ends with
+Scripts in `benchmarks/` (not collected by `pytest`), run together by one command from
+the repository root, `python -m benchmarks` ([Running the suite](#running-the-suite)).
+Each writes `benchmarks/results/<name>.json` and rewrites its own section below,
+between `<!-- BEGIN name -->` / `<!-- END name -->` markers. Timings come after a
+warm-up call, so compile time is reported apart, and every timed call ends with
 `block_until_ready()`.
 
 """
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
-    """Where the numbers were taken: they are only comparable on the same machine."""
+    """Where the numbers were taken: they are only comparable on the same machine.
+
+    Call it after [`start`][] (which joins a multi-process run): the device and
+    process counts are then the whole run's.
+    """
     try:
         load = [round(value, 2) for value in os.getloadavg()]
     except OSError:
         load = None
+    devices = jax.devices()
     return dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         jax=jax.__version__,
+        jaxlib=jaxlib.__version__,
         equinox=eqx.__version__,
+        python=platform.python_version(),
+        git=git_state(),
         backend=jax.default_backend(),
-        device=str(jax.devices()[0].device_kind),
+        device=str(devices[0].device_kind),
+        device_count=len(devices),
+        local_device_count=jax.local_device_count(),
+        process_count=jax.process_count(),
+        cpu=_cpu_model(),
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
+        system=platform.platform(),
         load_average=load,
     )
+
+
+# -- the flags every script takes ------------------------------------------------------
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """Add the flags of where a benchmark runs and where its results go; `python -m
+    benchmarks` passes them on to every script. Call [`start`][] after parsing."""
+    group = parser.add_argument_group("results and processes")
+    group.add_argument(
+        "--results-dir",
+        default=None,
+        help="write the results JSON here (default benchmarks/results, or "
+        "benchmarks/results/quick with --quick)",
+    )
+    group.add_argument("--coordinator", help="HOST:PORT of process 0, multi-process")
+    group.add_argument("--num-processes", type=int, help="processes of the run")
+    group.add_argument("--process-id", type=int, help="this process's index")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run whose peers JAX detects (SLURM, Open MPI; a "
+        "multi-host Cloud TPU slice is detected without this flag)",
+    )
+
+
+def start(args) -> None:
+    """Join the multi-process run the flags of [`add_run_flags`][] describe, if any
+    (`jax.distributed.initialize`; before anything touches a device)."""
+    from eqx_mtp.train._distributed import initialize
+
+    try:
+        initialize(
+            coordinator=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+            auto=args.distributed,
+        )
+    except ValueError as error:
+        sys.exit(str(error))
 
 
 def model_parser(
     description: str, *, batch: int, seq: int, dim: int, mlp_dim: int, layers: int
 ) -> argparse.ArgumentParser:
-    """An argument parser with `--quick` and the model-size flags every benchmark
-    takes, with these defaults."""
+    """An argument parser with `--quick`, the model-size flags every benchmark takes,
+    with these defaults, and [`add_run_flags`][]'s."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, one repeat: a smoke run"
+    )
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--dim", type=int, default=dim)
     parser.add_argument("--mlp-dim", type=int, default=mlp_dim)
     parser.add_argument("--layers", type=int, default=layers)
+    add_run_flags(parser)
     return parser
 
 
@@ -168,10 +241,34 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
-def write_results(name: str, payload: dict) -> pathlib.Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+def is_primary() -> bool:
+    """Whether this process writes files: process 0 of a multi-process run."""
+    return jax.process_index() == 0
+
+
+def results_dir(args) -> pathlib.Path:
+    """`--results-dir`, else `benchmarks/results/quick` for a quick run (untracked, so
+    a smoke run never replaces a measurement), else `benchmarks/results`."""
+    if args.results_dir:
+        return pathlib.Path(args.results_dir)
+    return RESULTS / "quick" if args.quick else RESULTS
+
+
+def write_results(name: str, payload: dict, args) -> pathlib.Path | None:
+    """Write `payload` as `<name>.json` in [`results_dir`][] (process 0 only; the
+    others return `None`)."""
+    payload = dict(payload, quick=bool(args.quick))
+    if not is_primary():
+        print(f"process {jax.process_index()}: process 0 writes {name}.json")
+        return None
+    directory = results_dir(args)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
+    if os.environ.get(REPORT):
+        with open(os.environ[REPORT], "a") as report:
+            report.write(f"{path}\n")
     return path
 
 
@@ -181,9 +278,15 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_doc_section(name: str, body: str) -> None:
+def write_doc_section(name: str, body: str, args) -> None:
     """Replace this benchmark's section of `docs/benchmarks.md` (append it if absent),
-    leaving every other section as it is."""
+    leaving every other section as it is. Not for a quick run, and only process 0
+    writes."""
+    if args.quick:
+        print(f"quick run: the {name} section of {DOC} is left as it is")
+        return
+    if not is_primary():
+        return
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     section = f"{begin}\n{body.strip()}\n{end}"
     text = DOC.read_text() if DOC.exists() else _DOC_HEADER
@@ -195,3 +298,4 @@ def write_doc_section(name: str, body: str) -> None:
         text = text.rstrip() + "\n\n" + section + "\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+    print(f"rewrote the {name} section of {DOC}")

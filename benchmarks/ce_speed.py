@@ -5,6 +5,8 @@ hidden states and the unembedding, for each `impl`, timed interleaved after a wa
 medians reported. A square float32 matmul is timed alongside as the machine's
 reference rate. Useful FLOPs are `6 · tokens · dim · vocab` (three matmuls) for every
 implementation, so the rates compare directly (`"chunked"` does four matmuls).
+
+`--quick`: 1024 tokens, dim 64, vocabulary 4096, a 512² matmul, one repeat.
 """
 
 from __future__ import annotations
@@ -24,17 +26,21 @@ IMPLS = ("naive", "fused", "chunked")
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny sizes, one repeat: a smoke run"
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--vocabs", default="32768,131072")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--matmul", type=int, default=2048)
+    _common.add_run_flags(parser)
     args = parser.parse_args()
+    _common.start(args)
     vocabs = [int(v) for v in args.vocabs.split(",")]
     if args.quick:
-        args.tokens, args.dim, args.repeats, args.matmul = 1024, 64, 2, 512
+        args.tokens, args.dim, args.repeats, args.matmul = 1024, 64, 1, 512
         vocabs = [4096]
 
     keys = jax.random.split(jax.random.key(0), 3)
@@ -112,7 +118,7 @@ def main():
         matmul_gflops=matmul_rate,
         results=results,
     )
-    path = _common.write_results("ce_speed", payload)
+    _common.write_results("ce_speed", payload, args)
     env = payload["environment"]
     command = " ".join(["python benchmarks/ce_speed.py"] + sys.argv[1:])
     lines = [
@@ -131,8 +137,7 @@ def main():
             rows,
         ),
     ]
-    _common.write_doc_section("ce_speed", "\n".join(lines))
-    print(f"wrote {path} and the ce_speed section of {_common.DOC}")
+    _common.write_doc_section("ce_speed", "\n".join(lines), args)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,19 @@ the same shapes.
 
 Targets (batch 1): speculative ≥ 1.6× plain tokens/s on the default model, ≥ 2× on
 the deeper one; at batch 8, never slower than plain.
+
+`--quick` decodes at batch 1 from prompts of 8 tokens, once; without `--run` it first
+trains a tiny run (one layer of width 32, 2 depths, rows of 32 bytes, 3 steps on a
+generated corpus) in a temporary directory, which exercises the code, not the
+speed-up: an untrained model's drafts are mostly rejected.
 """
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+import sys
+import tempfile
 import time
 
 import _common
@@ -162,6 +170,43 @@ def measure(name: str, run: str, args) -> dict:
     return dict(run=name, directory=run, records=records)
 
 
+def train_tiny_run(directory: pathlib.Path) -> str:
+    """Train a tiny run in `directory` (a corpus generated there, 3 steps on one
+    device) and return its run directory."""
+    from eqx_mtp.train import TrainConfig, train
+
+    corpus = directory / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["def", "return", "self", "import", "class", "lambda", "x", "y", "(", ")"]
+    for i in range(40):
+        text = " ".join(rng.choice(words, size=rng.integers(20, 60)))
+        (corpus / f"doc{i:02d}.py").write_text(text + "\n")
+    run = directory / "run"
+    config = TrainConfig(
+        data=str(corpus),
+        run=str(run),
+        steps=3,
+        batch_size=4,
+        seq_len=32,
+        dim=32,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        mlp_dim=64,
+        num_depths=2,
+        warmup_steps=1,
+        eval_fraction=0.25,
+        eval_every=0,
+        eval_batches=1,
+        save_every=0,
+        log_every=1,
+        num_devices=1,
+    )
+    train(config, progress=False)
+    return str(run)
+
+
 def _spread(values) -> str:
     return f"{_common.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
 
@@ -172,35 +217,58 @@ def main():
     parser.add_argument(
         "--run",
         action="append",
-        required=True,
-        help="NAME=DIR of a trained run (repeatable)",
+        help="NAME=DIR of a trained run (repeatable; required unless --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1, short prompts, one repeat; without --run, on a tiny run "
+        "trained first",
     )
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--part-repeats", type=int, default=20)
     parser.add_argument("--tag", default="", help="suffix of the results file")
+    _common.add_run_flags(parser)
     args = parser.parse_args()
+    if not args.run and not args.quick:
+        parser.error("--run NAME=DIR is required (or --quick, which trains a tiny run)")
+    _common.start(args)
     args.batches = [int(b) for b in args.batches.split(",")]
+    if args.quick:
+        args.batches, args.prompt_len, args.repeats, args.part_repeats = [1], 8, 1, 1
+    scratch = None
+    if not args.run:
+        if jax.process_count() > 1:
+            sys.exit("decode.py --quick trains its tiny run in one process: give --run")
+        scratch = tempfile.TemporaryDirectory(prefix="decode-quick-")
+        print("no --run: training a tiny run first", flush=True)
+        args.run = [f"tiny={train_tiny_run(pathlib.Path(scratch.name))}"]
     runs = []
     for item in args.run:
         name, _, directory = item.partition("=")
         if not directory:
             parser.error(f"--run takes NAME=DIR, got {item!r}")
         runs.append(measure(name, directory, args))
+    if scratch is not None:
+        scratch.cleanup()
 
     name = "decode" + (f"_{args.tag}" if args.tag else "")
     seconds = time.perf_counter() - started
     payload = dict(
         benchmark="decode",
-        environment=dict(_common.environment(), git=_common.git_state()),
+        environment=_common.environment(),
         settings=dict(
-            batches=args.batches, prompt_len=args.prompt_len, repeats=args.repeats
+            batches=args.batches,
+            prompt_len=args.prompt_len,
+            repeats=args.repeats,
+            part_repeats=args.part_repeats,
         ),
         seconds=seconds,
         runs=runs,
     )
-    path = _common.write_results(name, payload)
+    _common.write_results(name, payload, args)
 
     rows, targets = [], []
     for run in runs:
@@ -281,8 +349,7 @@ def main():
     )
     print()
     print(report)
-    _common.write_doc_section(name, report)
-    print(f"wrote {path} and the {name} section of {_common.DOC}")
+    _common.write_doc_section(name, report, args)
 
 
 if __name__ == "__main__":

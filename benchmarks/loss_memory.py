@@ -15,6 +15,9 @@ Variants: `loss_impl` `"naive"` (full `[tokens, vocab]` logits) against `--impl`
 (`"fused"`, the default, or `"chunked"`), with the trunk and depth scans
 un-rematerialised (`remat="none"`) or rematerialised (`remat="full"`; `--remats`
 picks the policies, `save_dots` among them).
+
+`--quick`: 2 × 64 tokens, one trunk layer of width 64, vocabulary 2048, D = 0 and 1,
+the first of `--remats` only.
 """
 
 from __future__ import annotations
@@ -133,17 +136,18 @@ def main():
         "--tag", default="", help="suffix of the results file and docs section name"
     )
     args = parser.parse_args()
+    _common.start(args)
     vocabs = [int(v) for v in args.vocabs.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     name = "loss_memory" + (f"_{args.tag}" if args.tag else "")
     if len(set(depths)) < 2 or max(depths) < 1:
         parser.error("--depths needs two or more values, one of them positive")
+    remats = args.remats.split(",")
     if args.quick:
-        args.batch, args.seq, args.dim, args.mlp_dim, args.layers = 2, 128, 64, 128, 1
-        vocabs, depths = [4096], [0, 2]
+        args.batch, args.seq, args.dim, args.mlp_dim, args.layers = 2, 64, 64, 128, 1
+        vocabs, depths, remats = [2048], [0, 1], remats[:1]
     parts = ["model", "heads"]
     lean = args.impl
-    remats = args.remats.split(",")
     variants = [(impl, remat) for remat in remats for impl in ("naive", lean)]
 
     records = []
@@ -226,7 +230,7 @@ def main():
         records=records,
         summary=summary,
     )
-    path = _common.write_results(name, payload)
+    _common.write_results(name, payload, args)
 
     command = " ".join(["python benchmarks/loss_memory.py"] + sys.argv[1:])
     lines = [
@@ -305,8 +309,7 @@ def main():
             rows,
         )
     )
-    _common.write_doc_section(name, "\n".join(lines))
-    print(f"wrote {path} and the {name} section of {_common.DOC}")
+    _common.write_doc_section(name, "\n".join(lines), args)
 
 
 if __name__ == "__main__":

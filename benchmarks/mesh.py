@@ -1,15 +1,20 @@
 """Collective bytes and per-device memory of one sharded `train_step`: XLA's program
 against a formula.
 
-`python benchmarks/mesh.py [--quick] [--pod]`. The script gives itself 8 simulated CPU
-devices (`--xla_force_host_platform_device_count=8`, set before JAX is imported). For
-every mesh `(data, model, context)` of `--meshes`, and for `(1, 1, 1)` on one device as
-the baseline, it places a model and its AdamW state by `eqx_mtp.DEFAULT_RULES`, lowers
-and compiles one `eqx_mtp.train_step` (nothing runs), and reads from the optimised
-HLO the bytes every collective moves per device per training step, next to
-[`collective_terms`][]'s formula from the model's shape and the mesh. `--pod` prints
-only the formula at pod scale (a Llama-2-7B trunk on 256 chips, one DeepSeek-V3-sized
-MTP depth); nothing is compiled.
+`python benchmarks/mesh.py [--quick] [--pod] [--meshes D,M,C ...] [--real-devices]`.
+The script gives itself 8 simulated CPU devices
+(`--xla_force_host_platform_device_count=8`, set before JAX is imported, unless
+`XLA_FLAGS` sets a count already); with `--real-devices` it leaves the platform to JAX
+and lays each mesh over every device JAX sees, every process's in a multi-process run
+(what `python -m benchmarks --mesh ...` asks for). For every mesh `(data, model,
+context)` of `--meshes`, and for `(1, 1, 1)` on one device as the baseline, it places
+a model and its AdamW state by `eqx_mtp.DEFAULT_RULES`, lowers and compiles one
+`eqx_mtp.train_step` (nothing runs), and reads from the optimised HLO the bytes every
+collective moves per device per training step, next to [`collective_terms`][]'s
+formula from the model's shape and the mesh. `--pod` prints only the formula at pod
+scale (a Llama-2-7B trunk on 256 chips, one DeepSeek-V3-sized MTP depth); nothing is
+compiled. `--quick`: one layer of width 64, vocabulary 1024, 8 rows of 32 tokens, on
+the mesh (2, 2, 2) (or those of `--meshes`).
 
 **Counting.** Each collective of the optimised module counts once (an async `-start`,
 never its `-done`), times the trip counts of the `while` loops around it
@@ -43,19 +48,21 @@ they are a few bytes per token.
 from __future__ import annotations
 
 import os
+import sys
 
-# Before JAX is imported (by `_common` too): 8 simulated CPU devices.
+# Before JAX is imported (by `_common` too): 8 simulated CPU devices, unless the real
+# ones are asked for (read from the command line here, before argparse runs).
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
-if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + f" {_DEVICE_FLAG}=8"
-    ).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--real-devices" not in sys.argv[1:]:
+    if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" {_DEVICE_FLAG}=8"
+        ).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import collections  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
 
@@ -701,9 +708,9 @@ def _shard_bytes(tree) -> int:
     )
 
 
-def measure(args, config, mesh_shape) -> dict:
+def measure(args, config, mesh_shape, devices) -> dict:
     data, model, context = mesh_shape
-    devices = jax.devices()[: data * model * context]
+    devices = devices[: data * model * context]
     mesh = eqx_mtp.make_mesh(data, model, context, devices=devices)
     start = time.perf_counter()
     host_model = eqx_mtp.MTPModel(config, key=jax.random.key(0))
@@ -1045,8 +1052,17 @@ def main():
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument(
         "--meshes",
-        default=" ".join(",".join(map(str, mesh)) for mesh in MESHES),
-        help="space-separated data,model,context triples of 8 devices",
+        default=None,
+        help="space-separated data,model,context triples (default: "
+        + " ".join(",".join(map(str, mesh)) for mesh in MESHES)
+        + "; with --quick 2,2,2; with --real-devices those of every device, or "
+        "N,1,1)",
+    )
+    parser.add_argument(
+        "--real-devices",
+        action="store_true",
+        help="JAX's own platform and every device it sees (every process's), not "
+        "simulated CPU devices",
     )
     parser.add_argument(
         "--pod", action="store_true", help="only print the formula at pod scale"
@@ -1056,22 +1072,51 @@ def main():
     if args.pod:
         print(pod_report(pod_costs()))
         return
-    meshes = [tuple(int(n) for n in mesh.split(",")) for mesh in args.meshes.split()]
+    _common.start(args)
+    # Simulated devices are this process's own; real ones are the whole run's.
+    devices = jax.devices() if args.real_devices else jax.local_devices()
+    if args.meshes is not None:
+        meshes = [tuple(int(n) for n in m.split(",")) for m in args.meshes.split()]
+    elif args.quick:
+        meshes = [(2, 2, 2)]
+    elif args.real_devices:
+        meshes = [m for m in MESHES if math.prod(m) == len(devices)]
+        meshes = meshes or [(len(devices), 1, 1)]
+    else:
+        meshes = list(MESHES)
     if args.quick:
-        args.batch, args.seq, args.dim, args.mlp_dim, args.layers = 8, 64, 64, 128, 2
-        args.vocab = 1024
-        meshes = [(8, 1, 1), (2, 2, 2)]
+        args.dim, args.mlp_dim, args.layers, args.vocab = 64, 128, 1, 1024
+        # Rows and their length divisible by any mesh's data and context axes.
+        args.batch = math.lcm(8, *(m[0] for m in meshes if m))
+        args.seq = math.lcm(32, *(m[-1] for m in meshes if m))
     for mesh in meshes:
-        if len(mesh) != 3 or math.prod(mesh) != 8:
-            parser.error(f"--meshes: {mesh} is not three sizes of 8 devices in all")
-    if len(jax.devices()) < 8:
-        sys.exit(f"needs 8 devices, got {jax.devices()}: is XLA_FLAGS overridden?")
+        if len(mesh) != 3 or min(mesh) < 1:
+            parser.error(f"--meshes: {mesh} is not three positive sizes")
+        if args.real_devices and math.prod(mesh) != len(devices):
+            parser.error(
+                f"--meshes: {mesh} is not a mesh of all {len(devices)} devices "
+                f"({devices[0].device_kind})"
+            )
+        if math.prod(mesh) > len(devices):
+            sys.exit(
+                f"mesh {mesh} needs {math.prod(mesh)} devices, got {len(devices)}: "
+                f"set XLA_FLAGS={_DEVICE_FLAG}=N"
+            )
+        if args.batch % mesh[0] or args.seq % mesh[2]:
+            parser.error(
+                f"--meshes: {mesh}: data must divide --batch {args.batch} and "
+                f"context --seq {args.seq}"
+            )
     config = _config(args)
     name = "mesh" + (f"_{args.tag}" if args.tag else "")
 
     records = []
     for mesh in [(1, 1, 1), *meshes]:
-        record = measure(args, config, mesh)
+        # The one-device baseline on a device of this process, so every process
+        # can compile it.
+        record = measure(
+            args, config, mesh, jax.local_devices() if mesh == (1, 1, 1) else devices
+        )
         records.append(record)
         print(
             f"mesh {_mesh_name(record)}: HLO {_mib(record['hlo']['total'])} MiB, "
@@ -1084,9 +1129,11 @@ def main():
     payload = dict(
         benchmark="mesh",
         quick=args.quick,
-        environment=dict(_common.environment(), git=_common.git_state()),
+        environment=_common.environment(),
         settings=_common.model_settings(
             args,
+            meshes=[dict(zip(("data", "model", "context"), m)) for m in meshes],
+            real_devices=args.real_devices,
             vocab=args.vocab,
             heads=args.heads,
             kv_heads=args.kv_heads,
@@ -1099,7 +1146,7 @@ def main():
         records=records,
         pod=pod_costs(),
     )
-    path = _common.write_results(name, payload)
+    _common.write_results(name, payload, args)
 
     print()
     print(
@@ -1130,8 +1177,6 @@ def main():
             else "equal on every mesh."
         )
     )
-    print()
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

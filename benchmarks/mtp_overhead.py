@@ -14,6 +14,9 @@ matmuls per forward matmul, and the fused loss does exactly three):
 - main head: `2·dim·vocab`;
 - each depth: `eh_proj` `2·(2·dim)·dim`, its block (a trunk layer) and the head
     `2·dim·vocab`.
+
+`--quick`: 2 × 64 tokens, one trunk layer of width 64, vocabulary 1024, D = 0 and 1,
+one repeat.
 """
 
 from __future__ import annotations
@@ -71,11 +74,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--vocab", type=int, default=8192)
     args = parser.parse_args()
+    _common.start(args)
     depths = [0, 1, 2, 4]
     if args.quick:
-        args.batch, args.seq, args.dim, args.mlp_dim = 2, 128, 64, 128
-        args.layers, args.vocab, args.repeats = 2, 1024, 2
-        depths = [0, 1, 2]
+        args.batch, args.seq, args.dim, args.mlp_dim = 2, 64, 64, 128
+        args.layers, args.vocab, args.repeats = 1, 1024, 1
+        depths = [0, 1]
 
     configs = {
         d: _common.model_config(args, vocab=args.vocab, num_depths=d) for d in depths
@@ -152,7 +156,7 @@ def main():
         ),
         results=results,
     )
-    path = _common.write_results("mtp_overhead", payload)
+    _common.write_results("mtp_overhead", payload, args)
     env = payload["environment"]
     worst = max(abs(r["relative_gap"]) for r in results)
     lines = [
@@ -184,8 +188,7 @@ def main():
         f"**Target** time ratio within 10% of the FLOP ratio: largest gap "
         f"{100 * worst:.1f}%.",
     ]
-    _common.write_doc_section("mtp_overhead", "\n".join(lines))
-    print(f"wrote {path} and the mtp_overhead section of {_common.DOC}")
+    _common.write_doc_section("mtp_overhead", "\n".join(lines), args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,10 @@ and values), at each of `--attention-seqs`: compiled temp memory and time (warm-
 then `--repeats` interleaved), and the largest difference of the output and
 gradients between the two, relative to the reference's largest magnitude. A
 reference whose temp memory exceeds `--max-run-gib` is compiled but not run.
+
+`--quick`: naive against one lean step (fused, blockwise, `remat="none"`; no context
+variants) at 2 × 128 and 1 × 256 tokens, one trunk layer of width 64, vocabulary
+1024, D = 1, attention alone at 256 tokens, one repeat.
 """
 
 from __future__ import annotations
@@ -304,11 +308,16 @@ def main():
     parser.add_argument("--attention-head-dim", type=int, default=64)
     parser.add_argument("--tag", default="", help="suffix of the results file")
     args = parser.parse_args()
+    _common.start(args)
+    policies, context = POLICIES, CONTEXT
     if args.quick:
-        args.batch, args.seq, args.long_seq = 4, 128, 512
-        args.dim, args.mlp_dim, args.layers, args.vocab = 64, 128, 1, 2048
-        args.depths, args.chunk, args.block_size = 2, 128, 64
-        args.repeats, args.attention_seqs = 2, "256,512"
+        # One lean step (fused, blockwise, no remat) against naive, at two shapes.
+        args.batch, args.seq, args.long_seq = 2, 128, 256
+        args.dim, args.mlp_dim, args.layers, args.vocab = 64, 128, 1, 1024
+        args.depths, args.chunk, args.block_size = 1, 128, 64
+        args.repeats, args.attention_seqs = 1, "256"
+        args.lean_impls, args.timed_impls = "fused", None
+        policies, context = POLICIES[:1], ()
     tokens = args.batch * args.seq
     if tokens % args.long_seq:
         parser.error(f"--long-seq {args.long_seq} must divide {tokens} tokens")
@@ -327,11 +336,10 @@ def main():
         run_limit = 0.7 * available
     else:
         run_limit = 8 * GiB
-    name = "step_memory" + ("_quick" if args.quick else "")
-    name += f"_{args.tag}" if args.tag else ""
+    name = "step_memory" + (f"_{args.tag}" if args.tag else "")
     shapes = {"short": (args.batch, args.seq), "long": (long_batch, args.long_seq)}
-    lean = [(impl, "blockwise", remat) for impl in lean_impls for remat in POLICIES]
-    variants = [NAIVE, *lean, *CONTEXT]
+    lean = [(impl, "blockwise", remat) for impl in lean_impls for remat in policies]
+    variants = [NAIVE, *lean, *context]
 
     # Memory: every variant at both shapes.
     memory, compiled_short = [], {}
@@ -399,7 +407,7 @@ def main():
     naive_seconds = step_times[NAIVE]["median_seconds"]
 
     # The remat rule, on the fused + blockwise steps.
-    fused = {remat: ("fused", "blockwise", remat) for remat in POLICIES}
+    fused = {remat: ("fused", "blockwise", remat) for remat in policies}
     fastest = min(step_times[v]["median_seconds"] for v in fused.values())
     eligible = [
         remat
@@ -440,7 +448,7 @@ def main():
     payload = dict(
         benchmark="step_memory",
         quick=args.quick,
-        environment=dict(_common.environment(), git=_common.git_state()),
+        environment=_common.environment(),
         settings=_common.model_settings(
             args,
             long_batch=long_batch,
@@ -485,7 +493,7 @@ def main():
         targets=targets,
         attention=attention,
     )
-    path = _common.write_results(name, payload)
+    _common.write_results(name, payload, args)
 
     # -- tables ------------------------------------------------------------------------
     def mib(nbytes):
@@ -681,11 +689,7 @@ def main():
     print()
     print(report)
     print()
-    if not args.quick:
-        _common.write_doc_section(name, report)
-        print(f"wrote {path} and the {name} section of {_common.DOC}")
-    else:
-        print(f"wrote {path}")
+    _common.write_doc_section(name, report, args)
 
 
 if __name__ == "__main__":

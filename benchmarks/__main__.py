@@ -1,0 +1,3 @@
+from ._suite import main
+
+main()

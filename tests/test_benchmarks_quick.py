@@ -1,0 +1,98 @@
+"""`python -m benchmarks --quick` on 8 simulated CPU devices, as a smoke test: every
+benchmark of the suite finishes and writes valid JSON that says where it ran, and the
+real results and the docs page are left alone. No timing is asserted."""
+
+import hashlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from helpers import kill_group, start_process, wait_all
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The suite takes about 2.7 minutes of CPU (7.5 minutes of wall clock on 2 cores
+# shared with other jobs); the bound catches a hang, e.g. a process waiting for peers.
+TIMEOUT_S = 900
+ENVIRONMENT_KEYS = {
+    "date",
+    "jax",
+    "jaxlib",
+    "cpu",
+    "cpu_count",
+    "backend",
+    "device",
+    "device_count",
+    "process_count",
+}
+
+
+def _digests() -> dict[str, str]:
+    """What a quick run must not touch: the docs page and the committed results."""
+    paths = [ROOT / "docs" / "benchmarks.md"]
+    paths += sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def _suite(*flags, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks", *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.slow
+def test_quick_suite_runs_every_benchmark(tmp_path):
+    listed = _suite("--list")
+    assert listed.returncode == 0, listed.stderr
+    names = [line.split()[0] for line in listed.stdout.splitlines()]
+    assert {"ce_speed", "mesh", "decode"} <= set(names)
+
+    before = _digests()
+    results = tmp_path / "results"
+    # `-m benchmarks` from the repository root, whatever pytest's directory.
+    path = [str(ROOT), os.environ.get("PYTHONPATH")]
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, path)),
+    )
+    log_path = tmp_path / "suite.log"
+    with open(log_path, "w") as log:
+        process = start_process(
+            [sys.executable, "-m", "benchmarks", "--quick"]
+            + ["--results-dir", str(results)],
+            env=env,
+            log=log,
+        )
+        try:
+            codes = wait_all([process], TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            codes = ["timed out"]
+        finally:
+            kill_group(process)
+    output = log_path.read_text()[-4000:]
+    assert codes == [0], output
+
+    suite = json.loads((results / "suite.json").read_text())
+    assert suite["quick"] is True
+    assert [b["name"] for b in suite["benchmarks"]] == names
+    for record in suite["benchmarks"]:
+        assert record["status"] == "ok", (record, output)
+        path = results / f"{record['name']}.json"
+        assert record["results"] == [str(path)], record
+        payload = json.loads(path.read_text())
+        assert payload["quick"] is True, record["name"]
+        environment = payload["environment"]
+        assert ENVIRONMENT_KEYS <= set(environment), (record["name"], environment)
+        assert environment["backend"] == "cpu"
+        assert environment["device_count"] == 8
+        assert environment["process_count"] == 1
+    assert _digests() == before, "a quick run changed the docs or the real results"
