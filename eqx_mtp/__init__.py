@@ -20,6 +20,7 @@ from ._llama_weights import (
 from ._loss import (
     mtp_loss as mtp_loss,
     mtp_loss_sums as mtp_loss_sums,
+    mtp_loss_sums_from_hidden as mtp_loss_sums_from_hidden,
     reduce_losses as reduce_losses,
     resolve_mtp_weight as resolve_mtp_weight,
 )

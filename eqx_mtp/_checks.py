@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 NORM_HINT = (
-    "final_norm must act on the last axis of [batch, seq, dim] arrays (as "
-    "eqx_mtp.RMSNorm does); wrap a per-vector norm such as eqx.nn.RMSNorm as "
-    "jax.vmap(jax.vmap(norm))"
+    "final_norm must be a per-vector norm, mapping a [dim] array to a [dim] array "
+    "(as eqx.nn.RMSNorm(dim) and eqx.nn.LayerNorm(dim) do), or a norm over the last "
+    "axis of [batch, seq, dim] arrays"
 )
 
 
@@ -200,29 +200,49 @@ def check_choice(fn: str | None, name: str, value, choices: tuple[str, ...]) -> 
         )
 
 
-def check_final_norm(fn: str | None, final_norm: Callable, dim: int, dtype) -> None:
-    """`final_norm` must map a `[batch, seq, dim]` array to one of the same shape.
-    Checked on abstract values (`jax.eval_shape`): nothing runs."""
+def check_final_norm(
+    fn: str | None, final_norm: Callable, dim: int, dtype
+) -> Callable[[jax.Array], jax.Array]:
+    """`final_norm` as a function of `[batch, seq, dim]` arrays, or an error naming
+    `final_norm`.
+
+    A per-vector norm (one that maps a `[dim]` array to a `[dim]` array, as
+    `eqx.nn.RMSNorm(dim)` and `eqx.nn.LayerNorm(dim)` do, following Equinox's
+    convention that modules act on one example) comes back `jax.vmap`ped over the
+    leading axes; otherwise one that maps a `[batch, seq, dim]` array to one of the
+    same shape comes back as it is. A norm over the last axis (such as
+    `eqx_mtp.RMSNorm`) gives the same result either way. Decided on abstract
+    values (`jax.eval_shape`): nothing runs."""
     if not callable(final_norm):
         raise TypeError(
             f"{_at(fn)}final_norm must be callable, got {type(final_norm).__name__}"
         )
-    probe = jax.ShapeDtypeStruct((2, 3, dim), dtype)
-    try:
-        out = jax.eval_shape(final_norm, probe)
-    except Exception as error:
-        lines = str(error).strip().splitlines()
-        reason = f"{type(error).__name__}: {lines[0]}" if lines else repr(error)
-        raise ValueError(
-            f"{_at(fn)}final_norm failed on a [2, 3, {dim}] array ({reason}). "
-            f"{NORM_HINT}"
-        ) from error
-    if getattr(out, "shape", None) != probe.shape:
+    outcomes = []
+    for shape in ((dim,), (2, 3, dim)):
+        try:
+            out = jax.eval_shape(final_norm, jax.ShapeDtypeStruct(shape, dtype))
+        except Exception as error:
+            lines = str(error).strip().splitlines()
+            reason = f"{type(error).__name__}: {lines[0]}" if lines else repr(error)
+            outcomes.append(f"on a {list(shape)} array it failed ({reason})")
+            continue
+        if getattr(out, "shape", None) == shape:
+            return _over_leading_axes(final_norm) if len(shape) == 1 else final_norm
         got = getattr(out, "shape", type(out).__name__)
-        raise ValueError(
-            f"{_at(fn)}final_norm must return the shape of its input, (2, 3, {dim}), "
-            f"got {got}. {NORM_HINT}"
-        )
+        outcomes.append(f"on a {list(shape)} array it returned {got}")
+    raise ValueError(f"{_at(fn)}{NORM_HINT}; {'; '.join(outcomes)}")
+
+
+def _over_leading_axes(norm: Callable) -> Callable[[jax.Array], jax.Array]:
+    """`norm` of one vector, applied to every vector of an array `[..., dim]`."""
+
+    def apply(x):
+        batched = norm
+        for _ in range(x.ndim - 1):
+            batched = jax.vmap(batched)
+        return batched(x)
+
+    return apply
 
 
 def check_head_inputs(

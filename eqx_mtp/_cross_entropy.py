@@ -38,6 +38,10 @@ def head_loss_sum(
     counted tokens. The logits are in float32 and never all alive at once; masked tokens
     add exactly zero to the sum and to its gradient.
 
+    A flat primitive: it takes `[tokens, …]` arrays, where the functions on a trunk's
+    output ([`eqx_mtp.mtp_loss_sums_from_hidden`][], [`eqx_mtp.mtp_depth_losses`][])
+    take `[batch, seq, …]`; flatten rows with `hidden.reshape(-1, dim)`.
+
     **Arguments:**
 
     - `hidden`: `[tokens, dim]` hidden states (after the final norm).

@@ -209,6 +209,10 @@ def fused_cross_entropy(
     and gradient accumulation are float32, and the gradients w.r.t. `hidden` and
     `unembed` come back in their input dtypes.
 
+    A flat primitive: it takes `[tokens, …]` arrays, where the functions on a trunk's
+    output ([`eqx_mtp.mtp_loss_sums_from_hidden`][], [`eqx_mtp.mtp_depth_losses`][])
+    take `[batch, seq, …]`; flatten rows with `hidden.reshape(-1, dim)`.
+
     **Arguments:**
 
     - `hidden`: `[tokens, dim]` hidden states (after the final norm).

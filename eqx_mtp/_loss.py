@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import equinox as eqx
@@ -12,7 +12,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from ._checks import Shapes, check_float, check_ids, check_mask, check_same_shape
+from ._checks import (
+    Shapes,
+    check_choice,
+    check_chunk_size,
+    check_final_norm,
+    check_float,
+    check_ids,
+    check_mask,
+    check_same_shape,
+)
+from ._config import LOSS_IMPLS
+from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import (
     CONTEXT,
     DATA,
@@ -24,7 +35,7 @@ from ._mesh import (
     tracing_on,
 )
 from ._model import MTPModel
-from ._mtp import depth_losses_unchecked
+from ._mtp import MTPDepths, _check_depth_inputs, depth_losses_unchecked
 from ._schedule import MTPWeight
 from ._targets import depth_targets, segment_positions
 from ._vocab_parallel import rows_head_loss_sum
@@ -94,6 +105,10 @@ def mtp_loss_sums(
 
     Nothing is divided, so sums and counts from several devices or micro-batches can be
     added before [`eqx_mtp.reduce_losses`][] turns them into a loss.
+
+    The model's trunk runs, and its output goes to
+    [`eqx_mtp.mtp_loss_sums_from_hidden`][] with the trunk's embedding, unembedding
+    and final norm and the model's depths: one code path for our trunk and any other.
 
     **Arguments:**
 
@@ -174,38 +189,184 @@ def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh):
         hidden = map_rows(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
             tokens, positions, segment_ids
         )
-    if mesh is not None:
-        (hidden,) = _constrain(
-            (hidden,), NamedSharding(mesh, PartitionSpec(DATA, CONTEXT, None))
-        )
-
-    targets, valid = depth_targets(
-        tokens, 0, segment_ids=segment_ids, loss_mask=loss_mask
+    # Resolved as any trunk's final norm is, so that both paths run the same program.
+    final_norm = check_final_norm(
+        None, trunk.final_norm, model.config.dim, hidden.dtype
     )
-    main_sum, main_count = rows_head_loss_sum(
-        trunk.final_norm(hidden),
-        trunk.unembedding_matrix,
-        targets,
-        valid,
-        mesh=mesh,
-        chunk_size=model.config.loss_chunk_size,
-        impl=model.config.loss_impl,
-    )
-    if model.depths is None:
-        return main_sum[None], main_count[None]
-    # The batch is checked above; the depths' own checks would read the tokens again.
-    depth_sums, depth_counts = depth_losses_unchecked(
-        model.depths,
+    return loss_sums_unchecked(
         hidden,
         tokens,
         embedding=trunk.embedding,
         unembedding=trunk.unembedding_matrix,
-        final_norm=trunk.final_norm,
+        final_norm=final_norm,
+        depths=model.depths,
         segment_ids=segment_ids,
         positions=positions,
         loss_mask=loss_mask,
         loss_chunk_size=model.config.loss_chunk_size,
         loss_impl=model.config.loss_impl,
+        mesh=mesh,
+    )
+
+
+def mtp_loss_sums_from_hidden(
+    hidden: Float[Array, "batch seq dim"],
+    tokens: Int[Array, "batch seq"],
+    *,
+    embedding: Float[Array, "vocab dim"],
+    unembedding: Float[Array, "vocab dim"],
+    final_norm: Callable[[Array], Array],
+    depths: MTPDepths | None = None,
+    segment_ids: Int[Array, "batch seq"] | None = None,
+    positions: Int[Array, "batch seq"] | None = None,
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+    loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    loss_impl: str = "fused",
+    mesh: Mesh | None = None,
+) -> tuple[Float[Array, " depths_plus_one"], Int[Array, " depths_plus_one"]]:
+    """The MTP objective on any trunk: per-depth cross-entropy sums and valid-token
+    counts from the trunk's last hidden states, index 0 the main (next-token)
+    objective, index `k` depth `k`.
+
+    Research code with its own transformer calls its trunk, then this, then
+    [`eqx_mtp.reduce_losses`][]. [`eqx_mtp.mtp_loss_sums`][] is this function
+    applied to the output of our own trunk, so both give the same numbers.
+
+    **Arguments:**
+
+    - `hidden`: `[batch, seq, dim]` trunk output `h⁰`, before its final norm.
+    - `tokens`: `[batch, seq]` integer token ids in `[0, vocab)`.
+    - `embedding`: the shared `[vocab, dim]` token embedding (read by sequential
+        depths).
+    - `unembedding`: the shared `[vocab, dim]` output matrix (logits are
+        `final_norm(h) @ unembedding.T`); the embedding itself when they are tied.
+    - `final_norm`: the trunk's final norm: a per-vector norm such as
+        `eqx.nn.RMSNorm(dim)` or `eqx.nn.LayerNorm(dim)` (`[dim] -> [dim]`, applied
+        with `jax.vmap` over batch and sequence), or a norm over the last axis of
+        `[batch, seq, dim]` arrays such as [`eqx_mtp.RMSNorm`][].
+    - `depths`: the [`eqx_mtp.MTPDepths`][] (their blocks called as
+        `block(x [seq, dim], *, positions, segment_ids)`), or `None` for the plain
+        next-token objective.
+    - `segment_ids`: optional `[batch, seq]` document ids of packed rows (`0` =
+        padding).
+    - `positions`: optional `[batch, seq]` positions, passed to the depths' blocks; by
+        default they restart at 0 in every segment.
+    - `loss_mask`: optional boolean `[batch, seq]`: which tokens may be targets.
+    - `loss_chunk_size`, `loss_impl`: `chunk_size` and `impl` of
+        [`eqx_mtp.head_loss_sum`][].
+    - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]: rows over `data`, sequence
+        over `context`, and every cross-entropy vocabulary-parallel under
+        `jax.shard_map` ([`eqx_mtp.vocab_parallel_loss_sum`][]). The results equal
+        the single-device ones. `None`: one device.
+
+    **Returns:**
+
+    `(loss_sums, token_counts)`, float32 and int32 arrays of shape
+    `[num_depths + 1]` (`[1]` without depths), summed over the whole batch. Nothing
+    is divided: reduce them globally, then call [`eqx_mtp.reduce_losses`][].
+
+    **Raises:**
+
+    `TypeError`/`ValueError` naming the function and the argument, as
+    [`eqx_mtp.mtp_depth_losses`][] does, and when the batch does not fit `mesh`.
+    """
+    fn = "mtp_loss_sums_from_hidden"
+    final_norm = _check_depth_inputs(
+        fn,
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        unembedding=unembedding,
+        final_norm=final_norm,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        depths_optional=True,
+    )
+    check_chunk_size(fn, "loss_chunk_size", loss_chunk_size)
+    check_choice(fn, "loss_impl", loss_impl, LOSS_IMPLS)
+    if mesh is not None:
+        try:
+            check_mesh(mesh)
+            check_batch_fits_mesh(mesh, tokens.shape, name="tokens")
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{fn}: {error}") from None
+    return loss_sums_unchecked(
+        hidden,
+        tokens,
+        embedding=embedding,
+        unembedding=unembedding,
+        final_norm=final_norm,
+        depths=depths,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        loss_chunk_size=loss_chunk_size,
+        loss_impl=loss_impl,
+        mesh=mesh,
+    )
+
+
+def loss_sums_unchecked(
+    hidden,
+    tokens,
+    *,
+    embedding,
+    unembedding,
+    final_norm,
+    depths,
+    segment_ids,
+    positions,
+    loss_mask,
+    loss_chunk_size,
+    loss_impl,
+    mesh,
+):
+    """`mtp_loss_sums_from_hidden` after its checks, `final_norm` acting on
+    `[batch, seq, dim]` arrays: the one code path of the objective, which
+    `mtp_loss_sums` calls on its trunk's output."""
+    if segment_ids is None:
+        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if positions is None:
+        positions = segment_positions(segment_ids)
+    if mesh is not None:
+        tokens, segment_ids, positions, loss_mask = _constrain(
+            (tokens, segment_ids, positions, loss_mask), batch_sharding(mesh)
+        )
+        (hidden,) = _constrain(
+            (hidden,), NamedSharding(mesh, PartitionSpec(DATA, CONTEXT, None))
+        )
+        # The sequential depths look up the embedding whole along its width (see
+        # `_gathered_over_data`).
+        embedding = _gathered_over_data(embedding, mesh)
+
+    targets, valid = depth_targets(
+        tokens, 0, segment_ids=segment_ids, loss_mask=loss_mask
+    )
+    main_sum, main_count = rows_head_loss_sum(
+        final_norm(hidden),
+        unembedding,
+        targets,
+        valid,
+        mesh=mesh,
+        chunk_size=loss_chunk_size,
+        impl=loss_impl,
+    )
+    if depths is None:
+        return main_sum[None], main_count[None]
+    depth_sums, depth_counts = depth_losses_unchecked(
+        depths,
+        hidden,
+        tokens,
+        embedding=embedding,
+        unembedding=unembedding,
+        final_norm=final_norm,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        loss_chunk_size=loss_chunk_size,
+        loss_impl=loss_impl,
         mesh=mesh,
     )
     loss_sums = jnp.concatenate([main_sum[None], depth_sums])

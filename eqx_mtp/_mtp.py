@@ -227,14 +227,17 @@ def _check_depth_inputs(
     positions,
     unembedding=None,
     loss_mask=None,
-) -> None:
-    """The arguments of `scan_depths` and `mtp_depth_losses`, in signature order."""
-    if not isinstance(depths, MTPDepths):
-        raise TypeError(
-            f"{fn}: depths must be an eqx_mtp.MTPDepths, got {type(depths).__name__}"
-        )
+    depths_optional: bool = False,
+) -> Callable[[Array], Array]:
+    """The arguments of `scan_depths`, `mtp_depth_losses` and
+    `mtp_loss_sums_from_hidden` (`depths_optional`: `None` is allowed), in signature
+    order. Returns `final_norm` as a function of `[batch, seq, dim]` arrays
+    (`check_final_norm`)."""
+    if not (isinstance(depths, MTPDepths) or (depths_optional and depths is None)):
+        expected = "an eqx_mtp.MTPDepths" + (" or None" if depths_optional else "")
+        raise TypeError(f"{fn}: depths must be {expected}, got {type(depths).__name__}")
     shapes = Shapes(fn)
-    dim = _depths_dim(depths)
+    dim = None if depths is None else _depths_dim(depths)
     if dim is not None:
         shapes.bind("dim", dim, "depths")
     shapes.check("hidden", hidden, "batch seq dim")
@@ -246,11 +249,12 @@ def _check_depth_inputs(
     if unembedding is not None:
         shapes.check("unembedding", unembedding, "vocab dim")
         check_float(fn, "unembedding", unembedding)
-    check_final_norm(fn, final_norm, hidden.shape[-1], hidden.dtype)
+    batched_norm = check_final_norm(fn, final_norm, hidden.shape[-1], hidden.dtype)
     check_token_arrays(
         shapes, segment_ids=segment_ids, positions=positions, loss_mask=loss_mask
     )
     check_ids(fn, "tokens", tokens, vocab_size=embedding.shape[0], vocab_of="embedding")
+    return batched_norm
 
 
 def _batched_row_defaults(tokens, segment_ids, positions):
@@ -284,10 +288,11 @@ def scan_depths(
     - `hidden`: `[batch, seq, dim]` trunk output `h⁰`, before its final norm.
     - `tokens`: `[batch, seq]` token ids.
     - `embedding`: the shared `[vocab, dim]` token embedding.
-    - `final_norm`: the trunk's final norm, used by depths without their own; called
-        on `[batch, seq, dim]` arrays, so it must act on the last axis (as
-        [`eqx_mtp.RMSNorm`][] does; wrap a per-vector norm such as `eqx.nn.RMSNorm` in
-        `jax.vmap(jax.vmap(norm))`).
+    - `final_norm`: the trunk's final norm, used by depths without their own: a
+        per-vector norm such as `eqx.nn.RMSNorm(dim)` or `eqx.nn.LayerNorm(dim)`
+        (`[dim] -> [dim]`, applied with `jax.vmap` over batch and sequence), or a norm
+        over the last axis of `[batch, seq, dim]` arrays such as
+        [`eqx_mtp.RMSNorm`][].
     - `readout`: `(depth, normed_hidden) -> pytree of arrays`.
     - `segment_ids`, `positions`: as for the trunk; derived when absent.
 
@@ -295,7 +300,7 @@ def scan_depths(
 
     `readout`'s outputs stacked along a new leading depth axis of size `num_depths`.
     """
-    _check_depth_inputs(
+    final_norm = _check_depth_inputs(
         "scan_depths",
         depths,
         hidden,
@@ -381,8 +386,8 @@ def mtp_depth_losses(
 ) -> tuple[Float[Array, " depths"], Int[Array, " depths"]]:
     """Per-depth cross-entropy sums and token counts of MTP depths on any trunk.
 
-    Research code with its own transformer adds MTP by passing its last hidden states
-    (before the final norm), its embedding and unembedding matrices and its final norm.
+    [`eqx_mtp.mtp_loss_sums_from_hidden`][] adds the main (next-token) objective to
+    these sums; this function gives the depths' alone.
 
     **Arguments:**
 
@@ -391,8 +396,8 @@ def mtp_depth_losses(
     - `tokens`: `[batch, seq]` token ids.
     - `embedding`: shared `[vocab, dim]` token embedding.
     - `unembedding`: shared `[vocab, dim]` output matrix (logits = `h @ unembedding.T`).
-    - `final_norm`: the trunk's final norm, acting on the last axis of
-        `[batch, seq, dim]` (see [`eqx_mtp.scan_depths`][]).
+    - `final_norm`: the trunk's final norm, per-vector or over the last axis (see
+        [`eqx_mtp.scan_depths`][]).
     - `segment_ids`, `positions`, `loss_mask`: see [`eqx_mtp.depth_targets`][].
     - `loss_chunk_size`, `loss_impl`: `chunk_size` and `impl` of
         [`eqx_mtp.head_loss_sum`][].
@@ -410,10 +415,10 @@ def mtp_depth_losses(
     `TypeError`/`ValueError` naming the argument when shapes disagree, ids are not
     integers, `loss_mask` is not boolean (an integer mask, e.g. MaxText's target mask
     of segment ids, is refused: pass `loss_mask != 0`), a token id of a concrete
-    `tokens` lies outside the vocabulary, or `final_norm` does not act on the last
-    axis.
+    `tokens` lies outside the vocabulary, or `final_norm` maps neither a `[dim]` nor
+    a `[batch, seq, dim]` array to one of its own shape.
     """
-    _check_depth_inputs(
+    final_norm = _check_depth_inputs(
         "mtp_depth_losses",
         depths,
         hidden,
@@ -459,7 +464,8 @@ def depth_losses_unchecked(
     mesh=None,
 ):
     """`mtp_depth_losses` without its input checks, for callers that checked the
-    batch already (`mtp_loss_sums`)."""
+    batch already (`mtp_loss_sums_from_hidden`); `final_norm` acts on
+    `[batch, seq, dim]` arrays."""
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
 
     def readout(k, normed):

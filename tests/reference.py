@@ -215,6 +215,21 @@ def loop_main_loss_sum(model, hidden, tokens, segment_ids=None, loss_mask=None):
     return jnp.sum(row_sums), int(valid.sum())
 
 
+def loop_head_loss_sum(
+    hidden, tokens, *, unembedding, final_norm, segment_ids=None, loss_mask=None
+):
+    """Depth-0 (next-token) loss sum (a JAX array) and count (an int) of any trunk's
+    output `hidden` `[batch, seq, dim]`; `final_norm` acts on one row `[seq, dim]`."""
+    tokens, seg, _ = _defaults(tokens, segment_ids, None)
+    targets, valid = targets_reference(tokens, seg, loss_mask, 0)
+
+    def one_row(h, t, v):
+        return naive_cross_entropy_sum(final_norm(h), unembedding, t, v)
+
+    row_sums = jax.vmap(one_row)(hidden, jnp.asarray(targets), jnp.asarray(valid))
+    return jnp.sum(row_sums), int(valid.sum())
+
+
 def loop_mtp_loss_sums(
     model, tokens, segment_ids=None, positions=None, loss_mask=None, fill=0
 ):

@@ -12,6 +12,7 @@ such block, with its reason, as a skipped test.
 """
 
 import dataclasses
+import math
 import pathlib
 import re
 import shutil
@@ -185,7 +186,7 @@ SETUP = {
     "docs/weights.md": _weights,
 }
 # Pages with a test of their own below, which runs them and checks what they print.
-OWN_TEST = {"docs/weights.md"}
+OWN_TEST = {"docs/weights.md", "docs/own_trunk.md"}
 
 
 @pytest.fixture
@@ -230,3 +231,23 @@ def test_weights_page_runs(page_namespace, capsys):
     assert "2 2 True" in printed  # layers, depths, tied
     assert "attention_bias" in printed  # the refusal names the field
     assert "[[False  True  True  True  True  True]]" in printed
+
+
+def test_own_trunk_page_runs(capsys):
+    """The page's user transformer, two depths of its own block, the one call,
+    `reduce_losses` and an optax step: run as written, they train."""
+    blocks = python_blocks("own_trunk.md")
+    assert len(blocks) >= 4
+    namespace: dict = {}
+    # JAX's default promotion, as in a user's script: optax's AdamW mixes its int32
+    # step count with Python floats, which the suite's strict promotion refuses.
+    with jax.numpy_dtype_promotion("standard"):
+        for block in blocks:
+            exec(compile(block, "docs/own_trunk.md", "exec"), namespace)
+    losses = namespace["losses"]
+    assert len(losses) == 5 and all(map(math.isfinite, losses))
+    # Five steps on one batch fit it: a step that did not update the model (or
+    # followed a gradient of the wrong sign) would not lower the loss.
+    assert losses[-1] < losses[0]
+    assert namespace["aux"]["depth_losses"].shape == (3,)
+    assert "per-depth losses:" in capsys.readouterr().out

@@ -38,6 +38,7 @@ FUNCTIONS = {
     "vocab_parallel_loss_sum": eqx_mtp.vocab_parallel_loss_sum,
     "scan_depths": eqx_mtp.scan_depths,
     "mtp_depth_losses": eqx_mtp.mtp_depth_losses,
+    "mtp_loss_sums_from_hidden": eqx_mtp.mtp_loss_sums_from_hidden,
     "reduce_losses": eqx_mtp.reduce_losses,
     "mtp_loss_sums": eqx_mtp.mtp_loss_sums,
     "mtp_loss": eqx_mtp.mtp_loss,
@@ -54,6 +55,7 @@ POSITIONAL = {
     "vocab_parallel_loss_sum": ("hidden", "unembedding", "targets", "where"),
     "scan_depths": ("depths", "hidden", "tokens"),
     "mtp_depth_losses": ("depths", "hidden", "tokens"),
+    "mtp_loss_sums_from_hidden": ("hidden", "tokens"),
     "reduce_losses": ("loss_sums", "token_counts"),
     "mtp_loss_sums": ("model", "tokens"),
     "mtp_loss": ("model", "tokens"),
@@ -120,6 +122,9 @@ def _inputs():
         "vocab_parallel_loss_sum": dict(unembedding=matrix, mesh=mesh, **rows),
         "scan_depths": dict(readout=lambda k, normed: jnp.sum(normed), **depth_args),
         "mtp_depth_losses": dict(unembedding=matrix, loss_mask=loss_mask, **depth_args),
+        "mtp_loss_sums_from_hidden": dict(
+            unembedding=matrix, loss_mask=loss_mask, **depth_args
+        ),
         "reduce_losses": dict(
             loss_sums=jnp.asarray([1.0, 2.0, 3.0], jnp.float32),
             token_counts=jnp.asarray([4, 5, 6], jnp.int32),
@@ -152,10 +157,12 @@ BAD = {
     "negative id": lambda v: _first_set(v, -1),
     "float scalar": lambda v: 1.0,
     "negative scalar": lambda v: -1,
-    "per-vector norm": lambda v: eqx.nn.RMSNorm(DIM),
+    # Fits neither a [dim] vector nor a [batch, seq, dim] array.
+    "norm of another width": lambda v: eqx.nn.RMSNorm(DIM + 1),
     "norm that drops the last axis": lambda v: lambda x: jnp.mean(x, axis=-1),
     "not callable": lambda v: 3,
     "depths of another width": lambda v: _depths(2 * DIM),
+    "not depths": lambda v: v.depths,
 }
 
 # Cases whose message blames another argument than the one changed: the sizes are
@@ -173,7 +180,7 @@ _DEPTHS = dict(
     hidden=["rank", "int array"],
     tokens=_VOCAB_IDS,
     embedding=_MATRIX,
-    final_norm=["per-vector norm", "norm that drops the last axis"],
+    final_norm=["norm of another width", "norm that drops the last axis"],
     segment_ids=_IDS,
     positions=_IDS,
 )
@@ -204,6 +211,11 @@ CASES = {
     "vocab_parallel_loss_sum": dict(unembedding=_MATRIX, **_HEAD),
     "scan_depths": dict(readout=["not callable"], **_DEPTHS),
     "mtp_depth_losses": dict(unembedding=_MATRIX, loss_mask=_MASK, **_DEPTHS),
+    "mtp_loss_sums_from_hidden": dict(
+        unembedding=_MATRIX,
+        loss_mask=_MASK,
+        **{**_DEPTHS, "depths": ["depths of another width", "not depths"]},
+    ),
     "reduce_losses": dict(loss_sums=["rank", "int array"], token_counts=_IDS),
     "mtp_loss_sums": _BATCH,
     "mtp_loss": _BATCH,
@@ -281,12 +293,19 @@ def test_integer_mask_with_segment_ids_says_to_compare_with_zero():
     np.testing.assert_array_equal(counts, expected)
 
 
-def test_per_vector_norm_error_says_how_to_wrap_it():
+def test_norm_that_fits_neither_layout_says_what_it_got():
+    """A final norm is taken per vector or over the last axis of the batch (issue
+    17); one that fits neither is refused with what was tried and what happened,
+    and a per-vector norm of the right width passes."""
     arguments = dict(_inputs()["mtp_depth_losses"])
-    arguments["final_norm"] = eqx.nn.RMSNorm(DIM)
-    with pytest.raises(ValueError, match=r"jax\.vmap\(jax\.vmap\(norm\)\)"):
+    arguments["final_norm"] = lambda x: jnp.mean(x, axis=-1)
+    with pytest.raises(
+        ValueError,
+        match=r"per-vector norm.*on a \[8\] array it returned \(\); on a "
+        r"\[2, 3, 8\] array it returned \(2, 3\)",
+    ):
         _call(eqx_mtp.mtp_depth_losses, "mtp_depth_losses", arguments)
-    arguments["final_norm"] = jax.vmap(jax.vmap(eqx.nn.RMSNorm(DIM)))
+    arguments["final_norm"] = eqx.nn.RMSNorm(DIM)
     sums, _ = _call(eqx_mtp.mtp_depth_losses, "mtp_depth_losses", arguments)
     assert np.all(np.isfinite(sums))
 
