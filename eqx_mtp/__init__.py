@@ -8,6 +8,7 @@ from ._decode import (
     generate as generate,
     trunk_forward_cached as trunk_forward_cached,
 )
+from ._documents import document_ids as document_ids
 from ._fused_ce import fused_cross_entropy as fused_cross_entropy
 from ._llama_weights import (
     WeightsError as WeightsError,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from ._blockwise import blockwise_attention
+from ._blockwise import attention_of_documents
 from ._kernels import pallas_gpu_attention, splash_tpu_attention
 from ._mesh import CONTEXT, DATA, MODEL, _active_mesh_axis
 
@@ -25,8 +25,10 @@ def attention_mask(
 ) -> Bool[Array, "seq keys"]:
     """Causal block-diagonal mask: a query sees earlier-or-equal keys of its segment.
 
-    Padding (segment 0) sees only padding; the diagonal is always visible, so no row of
-    the softmax is empty.
+    Ids are compared by equality, so they must be document numbers
+    ([`eqx_mtp.document_ids`][]) for a reused id to be another document. Padding
+    (segment 0) sees only padding; the diagonal is always visible, so no row of the
+    softmax is empty.
     """
     causal = key_index[None, :] <= query_index[:, None]
     same_segment = key_segment_ids[None, :] == query_segment_ids[:, None]
@@ -99,10 +101,12 @@ def attend(
     block_size: int,
 ) -> Float[Array, "seq heads head_dim"]:
     """Causal self-attention over one packed row by the implementation `impl` names
-    (see [`eqx_mtp.ModelConfig`][]'s `attention_impl`)."""
+    (see [`eqx_mtp.ModelConfig`][]'s `attention_impl`). The segment ids are document
+    numbers ([`eqx_mtp.document_ids`][], as the trunk passes them): every
+    implementation compares them by equality."""
     impl = resolve_attention_impl(impl)
     if impl == "blockwise":
-        return blockwise_attention(
+        return attention_of_documents(
             queries,
             keys,
             values,

@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from ._checks import check_segment_ids
+from ._documents import number_documents
+
 DEFAULT_BLOCK = 128
 
 
@@ -236,7 +239,7 @@ def blockwise_attention(
     """Causal softmax attention over packed rows, a `[block_q, block_k]` tile of scores
     at a time: memory `O(seq · head_dim)` per head instead of `O(seq²)`.
 
-    A query sees the keys of its own segment at or before it. Each key/value head
+    A query sees the keys of its own document at or before it. Each key/value head
     serves `heads / kv_heads` query heads. Scores, softmax statistics and
     accumulation are float32; the output has the queries' dtype. Differentiable
     (custom VJP: the backward pass recomputes each tile from the saved log-sum-exp).
@@ -245,7 +248,13 @@ def blockwise_attention(
 
     - `queries`: `[seq, heads, head_dim]`.
     - `keys`, `values`: `[keys, kv_heads, head_dim]`; `kv_heads` divides `heads`.
-    - `query_segment_ids`, `key_segment_ids`: document ids of the queries and keys.
+    - `query_segment_ids`, `key_segment_ids`: segment ids of the queries and keys:
+        `0` for padding, a positive id for a document (a negative id is an error).
+        In self-attention a document is a maximal run of one id, so an id reused
+        later in the row is another document (both are numbered by
+        [`eqx_mtp.document_ids`][]). With `query_index`/`key_index` the ids are
+        compared as given, since queries and keys may be parts of a row: pass the
+        whole row's `document_ids`, sliced.
     - `query_index`, `key_index`: positions of the queries and keys in the row, for
         the causal rule (`key_index <= query_index`). Both `None` (the default):
         self-attention over one row, `keys` being the same positions as `queries`;
@@ -258,6 +267,41 @@ def blockwise_attention(
 
     `[seq, heads, head_dim]`; a query that sees no key gets zeros.
     """
+    for name, value in (
+        ("query_segment_ids", query_segment_ids),
+        ("key_segment_ids", key_segment_ids),
+    ):
+        check_segment_ids("blockwise_attention", name, value)
+    if query_index is None and key_index is None:
+        query_segment_ids = number_documents(query_segment_ids)
+        key_segment_ids = number_documents(key_segment_ids)
+    return attention_of_documents(
+        queries,
+        keys,
+        values,
+        query_segment_ids=query_segment_ids,
+        key_segment_ids=key_segment_ids,
+        query_index=query_index,
+        key_index=key_index,
+        block_q=block_q,
+        block_k=block_k,
+    )
+
+
+def attention_of_documents(
+    queries,
+    keys,
+    values,
+    *,
+    query_segment_ids,
+    key_segment_ids,
+    query_index=None,
+    key_index=None,
+    block_q=DEFAULT_BLOCK,
+    block_k=DEFAULT_BLOCK,
+):
+    """`blockwise_attention` on ids that are document numbers already (equal ids: one
+    document), as the trunk's blocks get them."""
     seq_len, num_heads, head_dim = queries.shape
     num_keys, num_kv_heads = keys.shape[:2]
     if num_heads % num_kv_heads:

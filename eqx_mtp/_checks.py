@@ -166,6 +166,20 @@ def check_ids(
         )
 
 
+def check_segment_ids(fn: str | None, name: str, value) -> None:
+    """`value` must hold integer segment ids: `0` for padding, a positive id for a
+    document; a negative id is refused where the values are concrete."""
+    check_ids(fn, name, value)
+    if value.size == 0 or not is_concrete(value):
+        return
+    low = np.asarray(value).min()
+    if low < 0:
+        raise ValueError(
+            f"{_at(fn)}{name} must hold ids >= 0 (0 for padding, a positive id for a "
+            f"document), got {low}"
+        )
+
+
 def check_integer(fn: str | None, name: str, value, *, minimum: int | None = None):
     """`value` must be a Python int or an integer scalar array (traced or not), at
     least `minimum` where concrete."""
@@ -281,12 +295,14 @@ def check_head_inputs(
 def check_token_arrays(
     shapes: Shapes, *, segment_ids=None, positions=None, loss_mask=None
 ) -> None:
-    """The optional `[batch, seq]` companions of `tokens`: integer `segment_ids` and
-    `positions`, a boolean `loss_mask`."""
+    """The optional `[batch, seq]` companions of `tokens`: integer `segment_ids`
+    (none negative) and `positions`, a boolean `loss_mask`."""
     for name, value in (("segment_ids", segment_ids), ("positions", positions)):
         if value is not None:
             shapes.check(name, value, "batch seq")
             check_ids(shapes.fn, name, value)
+    if segment_ids is not None:
+        check_segment_ids(shapes.fn, "segment_ids", segment_ids)
     if loss_mask is not None:
         shapes.check("loss_mask", loss_mask, "batch seq")
         check_mask(shapes.fn, "loss_mask", loss_mask)

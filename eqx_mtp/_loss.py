@@ -21,6 +21,7 @@ from ._checks import (
     check_ids,
     check_mask,
     check_same_shape,
+    check_segment_ids,
 )
 from ._config import LOSS_IMPLS
 from ._fused_ce import DEFAULT_CHUNK_SIZE
@@ -84,6 +85,8 @@ def check_batch(
         check_same_shape(None, name, value, shape, like="tokens")
         if name == "loss_mask":
             check_mask(None, name, value)
+        elif name == "segment_ids":
+            check_segment_ids(None, name, value)
         else:
             check_ids(None, name, value)
     if mesh is not None:
@@ -114,10 +117,13 @@ def mtp_loss_sums(
 
     - `model`: the [`eqx_mtp.MTPModel`][].
     - `tokens`: `[batch, seq]` integer token ids in `[0, vocab_size)`.
-    - `segment_ids`: optional `[batch, seq]` document ids of packed rows (`0` =
-        padding).
+    - `segment_ids`: optional `[batch, seq]` segment ids of packed rows: `0` for
+        padding, a positive id for a document (a negative id is an error). A document
+        is a maximal run of one non-zero id, so an id reused later in a row starts
+        another document, for attention, positions and the validity rule alike (see
+        [`eqx_mtp.document_ids`][]). Absent, each row is one document.
     - `positions`: optional `[batch, seq]` positions; by default they restart at 0 in
-        every segment.
+        every document.
     - `loss_mask`: optional boolean `[batch, seq]`: which tokens may be targets.
     - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]. The batch is laid out rows
         over `data` and sequence over `context`, the trunk and the depths run as `jit`

@@ -73,5 +73,7 @@ class MTPModel(eqx.Module):
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
     ) -> Float[Array, "seq dim"]:
-        """The trunk's last hidden states `h⁰` of one row, before the final norm."""
+        """The trunk's last hidden states `h⁰` of one row, before the final norm.
+        `segment_ids` as for [`eqx_mtp.Transformer`][]: a document is a maximal run of
+        one non-zero id."""
         return self.trunk(tokens, positions=positions, segment_ids=segment_ids)

@@ -21,6 +21,7 @@ from ._checks import (
     check_token_arrays,
 )
 from ._config import LOSS_IMPLS, MTPKind, RematPolicy
+from ._documents import number_documents
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import map_rows, tracing_on
 from ._roll import roll_and_mask
@@ -260,6 +261,8 @@ def _check_depth_inputs(
 def _batched_row_defaults(tokens, segment_ids, positions):
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    # On whole rows, before the depths' blocks compare ids by equality.
+    segment_ids = number_documents(segment_ids)
     if positions is None:
         positions = segment_positions(segment_ids)
     return segment_ids, positions
@@ -294,7 +297,9 @@ def scan_depths(
         over the last axis of `[batch, seq, dim]` arrays such as
         [`eqx_mtp.RMSNorm`][].
     - `readout`: `(depth, normed_hidden) -> pytree of arrays`.
-    - `segment_ids`, `positions`: as for the trunk; derived when absent.
+    - `segment_ids`, `positions`: as for the trunk; derived when absent. A document
+        is a maximal run of one non-zero id; the blocks get the runs numbered by
+        [`eqx_mtp.document_ids`][], so they may compare ids by equality.
 
     **Returns:**
 

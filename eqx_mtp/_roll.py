@@ -5,7 +5,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int, Shaped
 
-from ._checks import Shapes, check_ids, check_integer
+from ._checks import Shapes, check_integer, check_segment_ids
+from ._documents import number_documents
 
 
 def roll_and_mask(
@@ -25,9 +26,11 @@ def roll_and_mask(
     - `x`: array of shape `[batch, seq, ...]`.
     - `shift`: how far to move the values right (negative: left). May be a traced
         integer, so it can vary inside a `jax.lax.scan` over depths.
-    - `segment_ids`: optional `[batch, seq]` document ids of packed rows, `0` meaning
-        padding. When given, a position is also zeroed when its source lies in another
-        segment than its own, or in padding.
+    - `segment_ids`: optional `[batch, seq]` segment ids of packed rows, `0` meaning
+        padding; a document is a maximal run of one non-zero id (see
+        [`eqx_mtp.document_ids`][]). When given, a position is also zeroed when its
+        source lies in another document than its own (a later run of the same id
+        included), or in padding.
 
     **Returns:**
 
@@ -36,13 +39,22 @@ def roll_and_mask(
     shapes = Shapes("roll_and_mask")
     shapes.check("x", x, "batch seq ...")
     check_integer("roll_and_mask", "shift", shift)
+    documents = None
+    if segment_ids is not None:
+        shapes.check("segment_ids", segment_ids, "batch seq")
+        check_segment_ids("roll_and_mask", "segment_ids", segment_ids)
+        documents = number_documents(segment_ids)
+    return shift_within_documents(x, shift, documents)
+
+
+def shift_within_documents(x, shift, documents=None):
+    """`roll_and_mask` without its checks, on ids that are document numbers already
+    (equal ids: one document)."""
     seq_len = x.shape[1]
     source = jnp.arange(seq_len) - shift
     keep = ((source >= 0) & (source < seq_len))[None, :]
-    if segment_ids is not None:
-        shapes.check("segment_ids", segment_ids, "batch seq")
-        check_ids("roll_and_mask", "segment_ids", segment_ids)
-        source_segment = jnp.roll(segment_ids, shift, axis=1)
-        keep = keep & (source_segment == segment_ids) & (source_segment != 0)
+    if documents is not None:
+        source_document = jnp.roll(documents, shift, axis=1)
+        keep = keep & (source_document == documents) & (source_document != 0)
     keep = keep.reshape(keep.shape + (1,) * (x.ndim - 2))
     return jnp.where(keep, jnp.roll(x, shift, axis=1), jnp.zeros((), x.dtype))

@@ -6,8 +6,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
-from ._checks import Shapes, check_ids, check_integer, check_token_arrays
-from ._roll import roll_and_mask
+from ._checks import (
+    Shapes,
+    check_ids,
+    check_integer,
+    check_segment_ids,
+    check_token_arrays,
+)
+from ._documents import number_documents
+from ._roll import shift_within_documents
 
 
 def _check_tokens(fn: str, tokens, *, segment_ids=None, loss_mask=None) -> None:
@@ -30,15 +37,18 @@ def depth_targets(
 
     `i + k + 1 < seq and seg[i] != 0 and seg[i + k + 1] == seg[i] and mask[i + k + 1]`.
 
-    The segment check compares position `i` with the target's position directly, so a
-    target in the next document never counts, whatever lies between them.
+    where `seg` numbers the documents ([`eqx_mtp.document_ids`][]): a document is a
+    maximal run of one non-zero segment id, so a later run of a reused id is another
+    document. The check compares position `i` with the target's position directly, so
+    a target in another document never counts, whatever lies between them.
 
     **Arguments:**
 
     - `tokens`: `[batch, seq]` token ids.
     - `depth`: the depth `k >= 0`; may be a traced integer.
-    - `segment_ids`: optional `[batch, seq]` document ids of packed rows (`0` =
-        padding). Absent, the whole row is one document.
+    - `segment_ids`: optional `[batch, seq]` segment ids of packed rows: `0` for
+        padding, a positive id for a document (negative ids are an error). Absent,
+        the whole row is one document.
     - `loss_mask`: optional boolean `[batch, seq]`; `loss_mask[j]` says token `j` may be
         a target.
 
@@ -48,23 +58,33 @@ def depth_targets(
     """
     _check_tokens("depth_targets", tokens, segment_ids=segment_ids, loss_mask=loss_mask)
     check_integer("depth_targets", "depth", depth, minimum=0)
+    documents = None if segment_ids is None else number_documents(segment_ids)
+    return targets_of_depth(tokens, depth, documents=documents, loss_mask=loss_mask)
+
+
+def targets_of_depth(tokens, depth, *, documents=None, loss_mask=None):
+    """`depth_targets` without its checks, on ids that are document numbers already
+    (equal ids: one document)."""
     shift = -(depth + 1)
-    if segment_ids is None:
-        segment_ids = jnp.ones(tokens.shape, jnp.int32)
+    if documents is None:
+        documents = jnp.ones(tokens.shape, jnp.int32)
     can_be_target = (
         jnp.ones(tokens.shape, jnp.bool_) if loss_mask is None else loss_mask
     )
-    valid = roll_and_mask(can_be_target, shift, segment_ids=segment_ids)
+    valid = shift_within_documents(can_be_target, shift, documents)
     targets = jnp.where(valid, jnp.roll(tokens, shift, axis=1), 0)
     return targets, valid
 
 
 def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
-    """Positions that restart at 0 wherever the segment id changes along a row.
+    """Positions that restart at 0 wherever the segment id changes along a row: at
+    the start of every document (a maximal run of one non-zero id, see
+    [`eqx_mtp.document_ids`][]) and of every run of padding.
 
     **Arguments:**
 
-    - `segment_ids`: `[batch, seq]` document ids of packed rows.
+    - `segment_ids`: `[batch, seq]` segment ids of packed rows (`0` = padding; a
+        negative id is an error).
 
     **Returns:**
 
@@ -72,7 +92,7 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     its run of equal segment ids.
     """
     Shapes("segment_positions").check("segment_ids", segment_ids, "batch seq")
-    check_ids("segment_positions", "segment_ids", segment_ids)
+    check_segment_ids("segment_positions", "segment_ids", segment_ids)
     seq_len = segment_ids.shape[1]
     index = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
     starts = jnp.concatenate(
@@ -96,7 +116,8 @@ def valid_token_counts(
     """How many positions count at each depth `0 … num_depths`, without running a
     model: the `token_counts` that [`eqx_mtp.mtp_loss_sums`][] will return for this
     batch. Known before the forward pass, so a loss built from globally reduced
-    counts can be differentiated one micro-batch at a time."""
+    counts can be differentiated one micro-batch at a time. `segment_ids` and
+    `loss_mask` are as for [`eqx_mtp.depth_targets`][]."""
     _check_tokens(
         "valid_token_counts", tokens, segment_ids=segment_ids, loss_mask=loss_mask
     )
@@ -110,9 +131,11 @@ def valid_token_counts(
             f"valid_token_counts: num_depths must be >= 0, got {num_depths}"
         )
 
+    documents = None if segment_ids is None else number_documents(segment_ids)
+
     def count(depth):
-        _, valid = depth_targets(
-            tokens, depth, segment_ids=segment_ids, loss_mask=loss_mask
+        _, valid = targets_of_depth(
+            tokens, depth, documents=documents, loss_mask=loss_mask
         )
         return jnp.sum(valid, dtype=jnp.int32)
 

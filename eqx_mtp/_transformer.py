@@ -19,6 +19,7 @@ from ._attention import (
     grouped_attention as grouped_attention,
 )
 from ._config import ModelConfig, RematPolicy
+from ._documents import checked_documents
 from ._mesh import gathered_over_context
 
 
@@ -270,6 +271,10 @@ class Transformer(eqx.Module):
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
     ) -> Float[Array, "seq dim"]:
+        """`h⁰` of one row. `segment_ids`: `0` for padding, a positive id for a
+        document; a document is a maximal run of one id (the runs are numbered here,
+        see [`eqx_mtp.document_ids`][], so a reused id is another document)."""
+        segment_ids = checked_documents("Transformer", segment_ids)
         x = self.embedding[tokens]
         return scan_blocks(
             self.blocks,

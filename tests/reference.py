@@ -18,11 +18,29 @@ import numpy as np
 import eqx_mtp
 
 
+def documents_reference(segment_ids):
+    """Number the documents of each row by a Python loop: a document is a maximal run
+    of one non-zero segment id (a reused id after another id or padding starts a new
+    one), numbered `1, 2, …` in its row; padding (`0`) stays `0`. Every reference
+    below compares these numbers, never the raw ids."""
+    seg = np.asarray(segment_ids)
+    documents = np.zeros(seg.shape, np.int32)
+    for b in range(seg.shape[0]):
+        count = 0
+        for i in range(seg.shape[1]):
+            if seg[b, i] == 0:
+                continue
+            if i == 0 or seg[b, i] != seg[b, i - 1]:
+                count += 1
+            documents[b, i] = count
+    return documents
+
+
 def roll_and_mask_reference(x, shift, segment_ids=None):
     """`out[b, i] = x[b, i - shift]` when that source lies in the row (and, with
-    segment ids, in the same non-padding segment as `i`), else zero."""
+    segment ids, in the same document as `i`, not padding), else zero."""
     x = np.asarray(x)
-    seg = None if segment_ids is None else np.asarray(segment_ids)
+    seg = None if segment_ids is None else documents_reference(segment_ids)
     out = np.zeros_like(x)
     batch, seq_len = x.shape[:2]
     for b in range(batch):
@@ -39,8 +57,8 @@ def roll_and_mask_reference(x, shift, segment_ids=None):
 def valid_reference(segment_ids, loss_mask, k):
     """DESIGN.md §1 by brute force:
     `valid(k, i) = i+k+1 < T and seg[i] != 0 and seg[i+k+1] == seg[i] and
-    mask[i+k+1]`."""
-    seg = np.asarray(segment_ids)
+    mask[i+k+1]`, `seg` numbering the documents (maximal runs of one id)."""
+    seg = documents_reference(segment_ids)
     batch, seq_len = seg.shape
     mask = (
         np.ones((batch, seq_len), bool) if loss_mask is None else np.asarray(loss_mask)
@@ -80,10 +98,10 @@ def segment_positions_reference(segment_ids):
 
 
 def ahead_tokens_reference(tokens, segment_ids, k, fill=0):
-    """`t[i+k]` where it lies in the row and in `i`'s (non-padding) segment, else
+    """`t[i+k]` where it lies in the row and in `i`'s document (not padding), else
     `fill`: the token whose embedding sequential depth `k` reads at position `i`."""
     tokens = np.asarray(tokens)
-    seg = np.asarray(segment_ids)
+    seg = documents_reference(segment_ids)
     ahead = np.full_like(tokens, fill)
     batch, seq_len = tokens.shape
     for b in range(batch):
@@ -105,11 +123,12 @@ def naive_cross_entropy_sum(normed, unembedding, targets, valid):
 
 
 def _defaults(tokens, segment_ids, positions):
+    """Tokens, document numbers (the blocks compare ids by equality) and positions."""
     tokens = np.asarray(tokens)
     seg = (
         np.ones(tokens.shape, np.int32)
         if segment_ids is None
-        else np.asarray(segment_ids)
+        else documents_reference(segment_ids)
     )
     pos = segment_positions_reference(seg) if positions is None else positions
     return tokens, seg, np.asarray(pos)
@@ -261,8 +280,12 @@ def loop_mtp_loss_sums(
 
 
 def visible_reference(query_segments, key_segments, query_index, key_index):
-    """`visible[t, s]` by a Python loop: key `s` is in query `t`'s segment and not
-    after it (padding, segment 0, sees padding only, as in the trunk)."""
+    """`visible[t, s]` by a Python loop: key `s` is in query `t`'s document and not
+    after it (padding, segment 0, sees padding only, as in the trunk). The ids of
+    queries and keys are each numbered by `documents_reference` (the same row for
+    both in self-attention)."""
+    query_segments = documents_reference(np.asarray(query_segments)[None])[0]
+    key_segments = documents_reference(np.asarray(key_segments)[None])[0]
     visible = np.zeros((len(query_segments), len(key_segments)), bool)
     for t in range(len(query_segments)):
         for s in range(len(key_segments)):
