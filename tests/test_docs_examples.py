@@ -17,6 +17,7 @@ import pathlib
 import re
 import shutil
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
@@ -125,21 +126,19 @@ def _readme(request) -> dict:
 
 
 def _index(request) -> dict:
-    # "MTP on your own trunk": a researcher's trunk output for the quick start's
-    # `tokens` ([8, 128], byte vocabulary), packed two documents to a row.
+    # "MTP on your own trunk": a researcher's block, trunk (an embedding lookup),
+    # matrices and per-vector norm, for the quick start's `tokens` ([8, 128], bytes).
     dim, vocab = 16, eqx_mtp.BYTE_VOCAB_SIZE
-    keys = jax.random.split(jax.random.key(0), 4)
+    keys = jax.random.split(jax.random.key(0), 3)
+    my_embedding = jax.random.normal(keys[0], (vocab, dim))
     return dict(
-        depths=eqx_mtp.MTPDepths(
-            2, dim, make_layer=lambda k: eqx_mtp.MLPBlock(dim, 32, key=k), key=keys[0]
-        ),
-        hidden=jax.random.normal(keys[1], (8, 128, dim)),
-        my_embedding_matrix=jax.random.normal(keys[2], (vocab, dim)),
-        my_unembedding_matrix=jax.random.normal(keys[3], (vocab, dim)),
-        my_final_norm=eqx_mtp.RMSNorm(dim),
-        segment_ids=jnp.broadcast_to(
-            jnp.arange(128, dtype=jnp.int32) // 64 + 1, (8, 128)
-        ),
+        dim=dim,
+        key=keys[1],
+        MyBlock=lambda *, key: eqx_mtp.MLPBlock(dim, 32, key=key),
+        my_trunk=lambda row: my_embedding[row],
+        my_embedding=my_embedding,
+        my_unembedding=jax.random.normal(keys[2], (vocab, dim)),
+        my_final_norm=eqx.nn.RMSNorm(dim),
     )
 
 
