@@ -8,6 +8,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._config import ModelConfig
 from ._mtp import LinearBlock, MLPBlock, MTPDepths
+from ._precision import in_compute_dtype
 from ._transformer import Transformer, TransformerBlock
 
 
@@ -73,5 +74,7 @@ class MTPModel(eqx.Module):
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
     ) -> Float[Array, "seq dim"]:
-        """The trunk's last hidden states `h⁰` of one row, before the final norm."""
-        return self.trunk(tokens, positions=positions, segment_ids=segment_ids)
+        """The trunk's last hidden states `h⁰` of one row, before the final norm, in
+        `config.compute_dtype`."""
+        trunk = in_compute_dtype(self.trunk, self.config.compute_dtype)
+        return trunk(tokens, positions=positions, segment_ids=segment_ids)
