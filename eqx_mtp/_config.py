@@ -10,12 +10,14 @@ MTPBlock = Literal["transformer", "mlp", "linear"]
 RematPolicy = Literal["none", "full", "save_dots"]
 LossImpl = Literal["fused", "chunked", "naive"]
 AttentionImpl = Literal["reference", "blockwise", "auto", "pallas_gpu", "splash_tpu"]
+ComputeDtype = Literal["float32", "bfloat16"]
 
 _MTP_KINDS = ("sequential", "parallel")
 _MTP_BLOCKS = ("transformer", "mlp", "linear")
 _REMAT_POLICIES = ("none", "full", "save_dots")
 LOSS_IMPLS = ("fused", "chunked", "naive")
 ATTENTION_IMPLS = ("reference", "blockwise", "auto", "pallas_gpu", "splash_tpu")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,13 @@ class ModelConfig:
     - `train_depths_only`: stop gradients at the trunk: the trunk's parameters,
         including the shared embedding, unembedding and final norm, get exactly zero
         gradient, and only the depths learn.
+    - `compute_dtype`: dtype of the trunk's and the depths' matmuls and activations,
+        `"float32"` (the default) or `"bfloat16"`. Parameters stay float32 and are cast
+        once per call ([`eqx_mtp.mtp_loss`][], [`eqx_mtp.mtp_loss_sums`][],
+        calling the model); norms keep float32 scales and compute in float32
+        internally; attention softmax, logits, losses and their reductions are
+        float32; gradients come back float32. Decoding
+        ([`eqx_mtp.generate`][]) runs in the parameters' dtype.
     """
 
     vocab_size: int
@@ -93,6 +102,7 @@ class ModelConfig:
     train_depths_only: bool = False
     attention_impl: str = "auto"
     attention_block_size: int = 128
+    compute_dtype: str = "float32"
 
     def __post_init__(self):
         positive = ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads")
@@ -149,6 +159,7 @@ class ModelConfig:
         _check_choice("remat", self.remat, _REMAT_POLICIES)
         _check_choice("loss_impl", self.loss_impl, LOSS_IMPLS)
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not isinstance(self.train_depths_only, bool):
             raise ValueError(
                 "ModelConfig.train_depths_only must be a bool, "

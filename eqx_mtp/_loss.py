@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from ._checks import (
     Shapes,
@@ -37,6 +37,7 @@ from ._mesh import (
 )
 from ._model import MTPModel
 from ._mtp import MTPDepths, _check_depth_inputs, depth_losses_unchecked
+from ._precision import in_compute_dtype
 from ._schedule import MTPWeight
 from ._targets import depth_targets, segment_positions
 from ._vocab_parallel import rows_head_loss_sum
@@ -102,6 +103,7 @@ def mtp_loss_sums(
     positions: Int[Array, "batch seq"] | None = None,
     loss_mask: Bool[Array, "batch seq"] | None = None,
     mesh: Mesh | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, " depths_plus_one"], Int[Array, " depths_plus_one"]]:
     """Per-depth cross-entropy sums and valid-token counts; index 0 is the main
     (next-token) objective, index `k` depth `k`.
@@ -133,6 +135,14 @@ def mtp_loss_sums(
         computed on the whole row, so a document that straddles a `context` shard
         boundary trains at every depth as on one device. The results equal the
         single-device ones. `None`: one device.
+    - `key`: optional PRNG key for randomness in the depths' layers (e.g. dropout in
+        a block of your own): split per depth and per row (see
+        [`eqx_mtp.MTPDepths`][]). `None` (the default) is deterministic. The trunk
+        and our own blocks take no randomness.
+
+    The trunk and the depths compute in `model.config.compute_dtype` (the parameters
+    are cast once per call; see [`eqx_mtp.ModelConfig`][]); the logits, losses, sums
+    and the gradients w.r.t. the float32 parameters are float32.
 
     **Returns:**
 
@@ -154,10 +164,11 @@ def mtp_loss_sums(
         positions=positions,
         loss_mask=loss_mask,
         mesh=mesh,
+        key=key,
     )
 
 
-def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh):
+def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh, key=None):
     """`mtp_loss_sums` after `check_batch`."""
     vocab_size = model.config.vocab_size
     # The check runs on a scalar that the tokens then depend on, so that a sharded
@@ -183,6 +194,8 @@ def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh):
         # depths train against a frozen trunk.
         trunk_arrays, trunk_static = eqx.partition(trunk, eqx.is_array)
         trunk = eqx.combine(jax.lax.stop_gradient(trunk_arrays), trunk_static)
+    # The depths follow the trunk's output dtype (see `scan_depths`).
+    trunk = in_compute_dtype(trunk, model.config.compute_dtype)
     if mesh is not None:
         # FSDP: the embedding is gathered over `data` before the lookups (of the
         # trunk and of the sequential depths). Looked up while its width is still
@@ -212,6 +225,7 @@ def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh):
         loss_chunk_size=model.config.loss_chunk_size,
         loss_impl=model.config.loss_impl,
         mesh=mesh,
+        key=key,
     )
 
 
@@ -229,6 +243,7 @@ def mtp_loss_sums_from_hidden(
     loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     loss_impl: str = "fused",
     mesh: Mesh | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, " depths_plus_one"], Int[Array, " depths_plus_one"]]:
     """The MTP objective on any trunk: per-depth cross-entropy sums and valid-token
     counts from the trunk's last hidden states, index 0 the main (next-token)
@@ -264,6 +279,8 @@ def mtp_loss_sums_from_hidden(
         over `context`, and every cross-entropy vocabulary-parallel under
         `jax.shard_map` ([`eqx_mtp.vocab_parallel_loss_sum`][]). The results equal
         the single-device ones. `None`: one device.
+    - `key`: optional PRNG key for the depths' layers (e.g. dropout), split per depth
+        and per row; `None` calls the layers without a key (deterministic).
 
     **Returns:**
 
@@ -311,6 +328,7 @@ def mtp_loss_sums_from_hidden(
         loss_chunk_size=loss_chunk_size,
         loss_impl=loss_impl,
         mesh=mesh,
+        key=key,
     )
 
 
@@ -328,6 +346,7 @@ def loss_sums_unchecked(
     loss_chunk_size,
     loss_impl,
     mesh,
+    key=None,
 ):
     """`mtp_loss_sums_from_hidden` after its checks, `final_norm` acting on
     `[batch, seq, dim]` arrays: the one code path of the objective, which
@@ -374,6 +393,7 @@ def loss_sums_unchecked(
         loss_chunk_size=loss_chunk_size,
         loss_impl=loss_impl,
         mesh=mesh,
+        key=key,
     )
     loss_sums = jnp.concatenate([main_sum[None], depth_sums])
     token_counts = jnp.concatenate([main_count[None], depth_counts])
@@ -527,14 +547,15 @@ def mtp_loss(
     depth_weights: DepthWeights | None = None,
     step: int | Int[ArrayLike, ""] | None = None,
     mesh: Mesh | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """The MTP training loss of one batch: main next-token loss plus `mtp_weight` times
     the MTP loss. A pure function of `(model, batch)`, differentiable w.r.t. `model`.
 
     **Arguments:**
 
-    - `model`, `tokens`, `segment_ids`, `positions`, `loss_mask`, `mesh`: see
-        [`eqx_mtp.mtp_loss_sums`][].
+    - `model`, `tokens`, `segment_ids`, `positions`, `loss_mask`, `mesh`, `key`: see
+        [`eqx_mtp.mtp_loss_sums`][] (`key=None`: deterministic).
     - `mtp_weight`: λ: a float, a scalar array, or a schedule of `step`.
     - `reduction`, `depth_weights`, `step`: see [`eqx_mtp.reduce_losses`][].
 
@@ -557,6 +578,7 @@ def mtp_loss(
         positions=positions,
         loss_mask=loss_mask,
         mesh=mesh,
+        key=key,
     )
     return reduce_losses(
         loss_sums,

@@ -8,6 +8,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._config import ModelConfig
 from ._mtp import LinearBlock, MLPBlock, MTPDepths
+from ._precision import in_compute_dtype
 from ._transformer import Transformer, TransformerBlock
 
 
@@ -73,7 +74,8 @@ class MTPModel(eqx.Module):
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
     ) -> Float[Array, "seq dim"]:
-        """The trunk's last hidden states `h⁰` of one row, before the final norm.
-        `segment_ids` as for [`eqx_mtp.Transformer`][]: a document is a maximal run of
-        one non-zero id."""
-        return self.trunk(tokens, positions=positions, segment_ids=segment_ids)
+        """The trunk's last hidden states `h⁰` of one row, before the final norm, in
+        `config.compute_dtype`. `segment_ids` as for [`eqx_mtp.Transformer`][]: a
+        document is a maximal run of one non-zero id."""
+        trunk = in_compute_dtype(self.trunk, self.config.compute_dtype)
+        return trunk(tokens, positions=positions, segment_ids=segment_ids)

@@ -24,6 +24,7 @@ from ._config import LOSS_IMPLS, MTPKind, RematPolicy
 from ._documents import number_documents
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import map_rows, tracing_on
+from ._precision import in_compute_dtype
 from ._roll import roll_and_mask
 from ._targets import depth_targets, segment_positions
 from ._transformer import (
@@ -41,7 +42,7 @@ LayerFactory = Callable[[PRNGKeyArray], eqx.Module]
 
 class MLPBlock(eqx.Module):
     """`x + SwiGLU(norm(x))`: the trunk block without attention, with its call
-    signature (positions and segment ids are accepted and unused)."""
+    signature (positions, segment ids and `key` are accepted and unused)."""
 
     norm: RMSNorm
     mlp: SwiGLU
@@ -50,20 +51,32 @@ class MLPBlock(eqx.Module):
         self.norm = RMSNorm(dim, eps=eps)
         self.mlp = SwiGLU(dim, hidden_dim, key=key)
 
-    def __call__(self, x, *, positions=None, segment_ids=None):
+    def __call__(self, x, *, positions=None, segment_ids=None, key=None):
+        del key  # deterministic
         return x + self.mlp(self.norm(x))
 
 
 class LinearBlock(eqx.Module):
-    """`x + W x`: the smallest layer with the trunk block's call signature."""
+    """`x + W x`: the smallest layer with the trunk block's call signature (`key` is
+    accepted and unused)."""
 
     proj: eqx.nn.Linear
 
     def __init__(self, dim: int, *, key):
         self.proj = eqx.nn.Linear(dim, dim, use_bias=False, key=key)
 
-    def __call__(self, x, *, positions=None, segment_ids=None):
+    def __call__(self, x, *, positions=None, segment_ids=None, key=None):
+        del key  # deterministic
         return x + dense(self.proj, x)
+
+
+def call_block(block, x, *, positions, segment_ids, key=None):
+    """`block(x, *, positions, segment_ids, key)`, with `key` left out when it is
+    `None`, so that a block written without a `key` parameter runs deterministically
+    wherever no key is given."""
+    if key is None:
+        return block(x, positions=positions, segment_ids=segment_ids)
+    return block(x, positions=positions, segment_ids=segment_ids, key=key)
 
 
 class MTPDepth(eqx.Module):
@@ -110,12 +123,16 @@ class MTPDepth(eqx.Module):
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
         layer: eqx.Module | None = None,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
         """This depth's hidden state from the previous depth's (or, parallel, the
-        trunk's) and the embeddings of the tokens `k` places ahead."""
+        trunk's) and the embeddings of the tokens `k` places ahead. `key` goes to the
+        layer, and only when it is not `None` (see [`eqx_mtp.MTPDepths`][])."""
         layer = self.layer if layer is None else layer
         x = self.layer_input(hidden, next_embeddings)
-        return layer(x, positions=positions, segment_ids=segment_ids)
+        return call_block(
+            layer, x, positions=positions, segment_ids=segment_ids, key=key
+        )
 
     def layer_input(
         self,
@@ -143,7 +160,9 @@ class MTPDepths(eqx.Module):
     - `num_depths`: number of depths `D >= 1`.
     - `dim`: width of the hidden states.
     - `make_layer`: `key -> module`, the block each depth runs; any Equinox module
-        with the call signature `block(x [seq, dim], *, positions, segment_ids)`.
+        with the call signature `block(x [seq, dim], *, positions, segment_ids,
+        key=None)` on one example (see [`eqx_mtp.TransformerBlock`][]). The `key` is
+        optional: a block without that parameter runs wherever no key is given.
     - `kind`: `"sequential"` (DeepSeek-V3) or `"parallel"` (Gloeckle et al.).
     - `shared_layer`: one layer, built once, reused at every depth.
     - `depth_final_norm`: give each depth its own final norm.
@@ -151,6 +170,19 @@ class MTPDepths(eqx.Module):
     - `remat`: rematerialisation policy of the depth scan: each depth is recomputed
         in the backward pass as the policy says; its readout (the loss) never is.
     - `key`: PRNG key.
+
+    **Randomness.** [`eqx_mtp.scan_depths`][], [`eqx_mtp.mtp_depth_losses`][] and
+    [`eqx_mtp.mtp_loss`][] take an optional `key`. Given one, it is split into one key
+    per depth (carried through the scan, so it works under every `remat` policy: the
+    backward pass recomputes a depth with the same key) and each depth's key into one
+    per row of the batch; the layer receives `key=` for its row. `key=None` (the
+    default) calls the layer without a `key` argument: deterministic, and the
+    contract of blocks written without one.
+
+    **Dtypes.** The depths compute in the dtype of the trunk output `hidden` they are
+    given: their floating-point parameters (norm scales excepted) and the looked-up
+    embeddings are cast to it once per call, and each depth's output is kept in it, so
+    a bfloat16 trunk works with float32 depths (gradients come back float32).
     """
 
     depths: MTPDepth
@@ -278,12 +310,14 @@ def scan_depths(
     readout: Callable[[Int[Array, ""], Float[Array, "batch seq dim"]], Any],
     segment_ids: Int[Array, "batch seq"] | None = None,
     positions: Int[Array, "batch seq"] | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> Any:
     """Run every depth in one `jax.lax.scan` and stack what `readout` returns per depth.
 
     At depth `k` (1-based) the body builds `h^k` from `h^{k-1}` (sequential) or `h⁰`
     (parallel), applies the depth's own final norm (or `final_norm`), and calls
     `readout(k, normed_hidden)`; only that depth's readout inputs are alive at once.
+    The depths compute in `hidden`'s dtype (see [`eqx_mtp.MTPDepths`][]).
 
     **Arguments:**
 
@@ -300,6 +334,8 @@ def scan_depths(
     - `segment_ids`, `positions`: as for the trunk; derived when absent. A document
         is a maximal run of one non-zero id; the blocks get the runs numbered by
         [`eqx_mtp.document_ids`][], so they may compare ids by equality.
+    - `key`: optional PRNG key for the depths' layers (e.g. dropout), split per depth
+        and per row; `None` calls the layers without a key (deterministic).
 
     **Returns:**
 
@@ -328,33 +364,57 @@ def scan_depths(
         readout=readout,
         segment_ids=segment_ids,
         positions=positions,
+        key=key,
     )
 
 
 def _scan_depths(
-    depths, hidden, tokens, *, embedding, final_norm, readout, segment_ids, positions
+    depths,
+    hidden,
+    tokens,
+    *,
+    embedding,
+    final_norm,
+    readout,
+    segment_ids,
+    positions,
+    key=None,
 ):
     """`scan_depths` without its input checks."""
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
-    dynamic, static = eqx.partition(depths.depths, eqx.is_array)
-    shared_layer = depths.shared_layer
+    # The scan's carry is `hidden`'s dtype: the depths compute in it.
+    dtype = hidden.dtype
+    dynamic, static = eqx.partition(
+        in_compute_dtype(depths.depths, dtype), eqx.is_array
+    )
+    shared_layer = in_compute_dtype(depths.shared_layer, dtype)
     sequential = depths.kind == "sequential"
+    num_rows = hidden.shape[0]
 
     def advance(previous, xs):
         """`h^k` and its final-normed copy."""
-        depth_params, k = xs
+        depth_params, k, depth_key = xs
         depth = eqx.combine(depth_params, static)
         source = previous if sequential else hidden
         if sequential:
             ahead = roll_and_mask(tokens, -k, segment_ids=segment_ids)
-            next_embeddings = embedding[ahead]
+            next_embeddings = embedding[ahead].astype(dtype)
         else:
             next_embeddings = None
+        # Modules act on one example: one key per row, as for any vmapped module.
+        row_keys = None if depth_key is None else jax.random.split(depth_key, num_rows)
 
-        def one_row(h, e, p, s):
-            return depth(h, e, positions=p, segment_ids=s, layer=shared_layer)
+        def one_row(h, e, p, s, row_key):
+            return depth(
+                h, e, positions=p, segment_ids=s, layer=shared_layer, key=row_key
+            )
 
-        h_k = map_rows(one_row)(source, next_embeddings, positions, segment_ids)
+        h_k = map_rows(one_row)(
+            source, next_embeddings, positions, segment_ids, row_keys
+        )
+        # A user's layer may return another dtype (e.g. float32 from a float32
+        # constant); the carry must not change type.
+        h_k = h_k.astype(dtype)
         norm = final_norm if depth.norm is None else depth.norm
         return h_k, norm(h_k)
 
@@ -370,7 +430,8 @@ def _scan_depths(
         return h_k, readout(xs[1], normed)
 
     depth_numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
-    _, outputs = jax.lax.scan(body, hidden, (dynamic, depth_numbers))
+    depth_keys = None if key is None else jax.random.split(key, depths.num_depths)
+    _, outputs = jax.lax.scan(body, hidden, (dynamic, depth_numbers, depth_keys))
     return outputs
 
 
@@ -388,6 +449,7 @@ def mtp_depth_losses(
     loss_chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     loss_impl: str = "fused",
     mesh: Mesh | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, " depths"], Int[Array, " depths"]]:
     """Per-depth cross-entropy sums and token counts of MTP depths on any trunk.
 
@@ -409,6 +471,12 @@ def mtp_depth_losses(
     - `mesh`: a mesh from [`eqx_mtp.make_mesh`][]: each depth's cross-entropy then
         runs vocabulary-parallel under `jax.shard_map`
         ([`eqx_mtp.vocab_parallel_loss_sum`][]); `None` runs on one device.
+    - `key`: optional PRNG key for the depths' layers (e.g. dropout), split per depth
+        and per row; `None` (the default) is deterministic. See
+        [`eqx_mtp.MTPDepths`][].
+
+    The depths compute in `hidden`'s dtype, e.g. bfloat16 from a bfloat16 trunk with
+    float32 depth parameters; the logits, losses and sums are float32.
 
     **Returns:**
 
@@ -450,6 +518,7 @@ def mtp_depth_losses(
         loss_chunk_size=loss_chunk_size,
         loss_impl=loss_impl,
         mesh=mesh,
+        key=key,
     )
 
 
@@ -467,6 +536,7 @@ def depth_losses_unchecked(
     loss_chunk_size=DEFAULT_CHUNK_SIZE,
     loss_impl="fused",
     mesh=None,
+    key=None,
 ):
     """`mtp_depth_losses` without its input checks, for callers that checked the
     batch already (`mtp_loss_sums_from_hidden`); `final_norm` acts on
@@ -497,4 +567,5 @@ def depth_losses_unchecked(
             readout=readout,
             segment_ids=segment_ids,
             positions=positions,
+            key=key,
         )

@@ -24,7 +24,8 @@ from ._mesh import gathered_over_context
 
 
 class RMSNorm(eqx.Module):
-    """Root-mean-square normalisation over the last axis with a learned scale."""
+    """Root-mean-square normalisation over the last axis with a learned scale,
+    computed in float32 and returned in the input's dtype."""
 
     weight: Float[Array, " dim"]
     eps: float = eqx.field(static=True)
@@ -36,7 +37,7 @@ class RMSNorm(eqx.Module):
     def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
         x32 = x.astype(jnp.float32)
         scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale * self.weight).astype(x.dtype)
+        return (x32 * scale * self.weight.astype(jnp.float32)).astype(x.dtype)
 
 
 def dense(
@@ -154,8 +155,14 @@ class SwiGLU(eqx.Module):
 class TransformerBlock(eqx.Module):
     """Pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
 
-    Its call signature, `block(x, *, positions, segment_ids)` on one `[seq, dim]`
-    example, is the contract for any block plugged in as an MTP depth's layer.
+    Its call signature, `block(x, *, positions, segment_ids, key=None)` on one
+    `[seq, dim]` example, is the contract for any block plugged in as an MTP depth's
+    layer. `key` follows Equinox's convention (keyword-only, last, `None` means
+    deterministic): a PRNG key for this example, e.g. for `eqx.nn.Dropout`. It is
+    passed only when the caller has one (see [`eqx_mtp.MTPDepths`][]), so a block
+    without a `key` parameter works wherever no key is given. This block has no
+    randomness and ignores `key`. It computes in the dtype of `x` and of its
+    parameters, which must agree (see `ModelConfig.compute_dtype`).
     """
 
     attention_norm: RMSNorm
@@ -176,7 +183,9 @@ class TransformerBlock(eqx.Module):
         *,
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "seq dim"]:
+        del key  # deterministic
         x = x + self.attention(
             self.attention_norm(x), positions=positions, segment_ids=segment_ids
         )

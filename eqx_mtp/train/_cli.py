@@ -31,6 +31,8 @@ _HELP = {
     "on data)",
     "attention_impl": "reference, blockwise (memory linear in the row length), auto, "
     "pallas_gpu or splash_tpu",
+    "compute_dtype": "float32 or bfloat16: dtype of the trunk's and depths' matmuls "
+    "and activations; parameters, gradients and losses stay float32",
     "num_devices": "use only the first N devices (single-process runs)",
     "coordinator": "HOST:PORT of process 0, for a multi-process run",
     "num_processes": "number of processes of a multi-process run",

@@ -58,11 +58,13 @@ class TrainConfig:
     devices the others leave) over every device, or over the first `num_devices` of a
     single-process run; `coordinator`, `num_processes` and `process_id` start a
     multi-process run, `distributed` one whose peers JAX detects (TPU pods, SLURM).
-    `remat`, `attention_impl` and `attention_block_size` default to `ModelConfig`'s;
-    like the mesh, they may change when a run continues. `init_from` starts from a
-    Hugging Face Llama-family checkpoint (see [`eqx_mtp.load_llama`][]): its
-    `config.json` sets the trunk's shape and vocabulary, and the documents are token
-    ids (a `.jsonl` with a `tokens` field); `train_depths_only` freezes the trunk.
+    `remat`, `attention_impl`, `attention_block_size` and `compute_dtype` default to
+    `ModelConfig`'s; like the mesh, they may change when a run continues (they change
+    how a step is computed and its rounding, not what it computes). `init_from`
+    starts from a Hugging Face Llama-family checkpoint (see
+    [`eqx_mtp.load_llama`][]): its `config.json` sets the trunk's shape and
+    vocabulary, and the documents are token ids (a `.jsonl` with a `tokens` field);
+    `train_depths_only` freezes the trunk.
     """
 
     data: str | None = None
@@ -86,6 +88,7 @@ class TrainConfig:
     remat: str = ModelConfig.remat
     attention_impl: str = ModelConfig.attention_impl
     attention_block_size: int = ModelConfig.attention_block_size
+    compute_dtype: str = ModelConfig.compute_dtype
     learning_rate: float = 2e-3
     warmup_steps: int = 30
     min_learning_rate_ratio: float = 0.1
@@ -206,6 +209,7 @@ class TrainConfig:
                 remat=self.remat,
                 attention_impl=self.attention_impl,
                 attention_block_size=self.attention_block_size,
+                compute_dtype=self.compute_dtype,
                 train_depths_only=self.train_depths_only,
             )
         except ValueError as error:
@@ -227,6 +231,7 @@ class TrainConfig:
             remat=self.remat,
             attention_impl=self.attention_impl,
             attention_block_size=self.attention_block_size,
+            compute_dtype=self.compute_dtype,
             train_depths_only=self.train_depths_only,
         )
         if self.max_seq_len is not None:
@@ -275,11 +280,14 @@ RESUMABLE_FIELDS = frozenset(
         "remat",
         "attention_impl",
         "attention_block_size",
+        # Parameters, optimizer state and gradients are float32 either way.
+        "compute_dtype",
     }
 )
-# The same three as stored in the model's config.
+# The same four as stored in the model's config.
 RESUMABLE_MODEL_FIELDS = frozenset(
-    f"model.{name}" for name in ("remat", "attention_impl", "attention_block_size")
+    f"model.{name}"
+    for name in ("remat", "attention_impl", "attention_block_size", "compute_dtype")
 )
 
 
