@@ -1,14 +1,21 @@
-"""Orbax checkpoints of a training run: model arrays, optimizer state, step, data
-iterator state, RNG and config; resume with fall-back past a damaged checkpoint."""
+"""Orbax checkpoints of a model and what a loop has beside it (optimizer state, data
+iterator state, RNG key, config); resume with fall-back past a damaged checkpoint."""
 
 from __future__ import annotations
 
+# Imported before this module registers its exit hook, so that the hook runs first:
+# threading's exit hooks run in reverse order, and concurrent.futures' hook refuses
+# every later thread-pool job, which Orbax's background saves still need.
+import concurrent.futures.thread  # noqa: F401 - see above
 import dataclasses
 import json
 import logging
 import os
 import pathlib
+import sys
+import threading
 import warnings
+import weakref
 from collections.abc import Collection
 from typing import Any
 
@@ -27,6 +34,13 @@ from .._sharding import DEFAULT_RULES, ShardingRule, named_shardings
 
 CONFIG_FILE = "config.json"
 _EVAL_METRIC = "eval_loss"
+# Written by Orbax into every step directory, and only there.
+_STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
+# `run_state["opt_state"]`: how the optimizer state was stored. Checkpoints written
+# before the field existed always had a saved one.
+_OPT_SAVED, _OPT_LEAFLESS, _OPT_ABSENT = "saved", "leafless", "absent"
+# `run_state["rng_impl"]` of a key given as raw uint32 words (`jax.random.PRNGKey`).
+_RAW_KEY = "raw"
 
 
 class CheckpointError(RuntimeError):
@@ -35,13 +49,14 @@ class CheckpointError(RuntimeError):
 
 @dataclasses.dataclass
 class RestoredState:
-    """What [`eqx_mtp.Checkpointer.restore`][] returns."""
+    """What [`eqx_mtp.Checkpointer.restore`][] returns. A piece that was not saved
+    (or, for `opt_state`, not asked for with a template) is `None`."""
 
     step: int
-    model: MTPModel
-    opt_state: PyTree
-    data_state: dict
-    rng: jax.Array
+    model: PyTree
+    opt_state: PyTree | None
+    data_state: dict | None
+    rng: jax.Array | None
     config: dict
 
 
@@ -62,6 +77,23 @@ def config_differences(
     return names
 
 
+def stored_model_config(config: dict) -> ModelConfig | None:
+    """The [`eqx_mtp.ModelConfig`][] in a checkpoint's stored config, in either
+    layout: `{"model": ModelConfig.to_dict(), ...}` or a bare `ModelConfig.to_dict()`;
+    `None` when it holds neither."""
+    if isinstance(config.get("model"), dict):
+        values = config["model"]
+    elif "vocab_size" in config:
+        values = config
+    else:
+        return None
+    try:
+        return ModelConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        message = f"its stored ModelConfig does not load: {error}"
+        raise CheckpointError(message) from None
+
+
 def _is_array_or_shape(leaf) -> bool:
     return eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
 
@@ -69,6 +101,14 @@ def _is_array_or_shape(leaf) -> bool:
 def model_template(config: ModelConfig) -> MTPModel:
     """The model's structure with `jax.ShapeDtypeStruct` leaves: nothing allocated."""
     return eqx.filter_eval_shape(MTPModel, config, key=jax.random.key(0))
+
+
+def _shapes_of(tree: PyTree) -> PyTree:
+    """`tree` with every array replaced by its `jax.ShapeDtypeStruct`."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if eqx.is_array(x) else x,
+        tree,
+    )
 
 
 def placed_template(
@@ -91,27 +131,107 @@ def placed_template(
     return jax.tree.map(place, template, shardings)
 
 
+def is_step_directory(path: str | os.PathLike) -> bool:
+    """Whether `path` is one checkpoint's own directory (`<checkpoints>/<step>`)."""
+    return (pathlib.Path(path) / _STEP_METADATA_FILE).is_file()
+
+
+def _close_manager(manager: ocp.CheckpointManager) -> None:
+    manager.close()
+
+
+# Finalizers of the Checkpointers not closed yet (dead ones are pruned as new ones
+# come), run by a threading exit hook: see `Checkpointer.__init__`.
+_unclosed: list[weakref.finalize] = []
+_exit_hook = threading.Lock()
+_exit_hook_registered = False
+
+
+def _finish_saves_at_exit() -> None:
+    for finalizer in reversed(_unclosed):
+        try:
+            finalizer()
+        except Exception as error:  # noqa: BLE001 - report, and close the others
+            print(
+                f"eqx_mtp: a checkpoint save did not finish at exit: "
+                f"{type(error).__name__}: {error}",
+                file=sys.stderr,
+            )
+
+
+def _close_at_exit(finalizer: weakref.finalize) -> None:
+    global _exit_hook_registered
+    with _exit_hook:
+        _unclosed[:] = [f for f in _unclosed if f.alive]
+        _unclosed.append(finalizer)
+        if not _exit_hook_registered:
+            # `atexit` (and `weakref.finalize`'s own exit call) run only after the
+            # interpreter has joined Orbax's save threads and shut the thread pools
+            # they need: too late. threading's exit hooks run before both.
+            register = getattr(threading, "_register_atexit", None)
+            if register is None:  # pragma: no cover - every CPython since 3.9 has it
+                import atexit
+
+                register = atexit.register
+            register(_finish_saves_at_exit)
+            _exit_hook_registered = True
+
+
 class Checkpointer:
-    """Keeps a run's checkpoints under `directory` with an Orbax `CheckpointManager`.
+    """Keeps checkpoints under `directory` with an Orbax `CheckpointManager`: a
+    training job's, or those of your own loop.
+
+    A checkpoint of step `s` is the directory `directory/s`. It holds the model's
+    arrays (`eqx.filter(model, eqx.is_array)`: the static part is rebuilt from a
+    `ModelConfig` or a template when restoring), and whichever of the optimizer state,
+    the data iterator's state and the RNG key were given, and a JSON config. The
+    config's layout is yours; two layouts also say how to rebuild an
+    [`eqx_mtp.MTPModel`][] ([`eqx_mtp.load_checkpoint`][] needs nothing else):
+
+    - `ModelConfig.to_dict()` itself, or
+    - `{"model": ModelConfig.to_dict(), ...}` with anything else beside it (the
+        training job stores `{"model": ..., "train": ...}`).
 
     Saves are asynchronous; the last `keep` checkpoints and the one with the lowest
-    eval loss are kept. Every checkpoint also stores the run's configuration, so a
-    checkpoint directory alone is enough to rebuild the model
-    ([`eqx_mtp.load_checkpoint`][]).
+    eval loss are kept. A save never overwrites a checkpoint: a step that is not after
+    the newest one is refused. Use it as a context manager, or call `close`, to wait
+    for the last save; one never closed is closed at exit, before the interpreter
+    stops the threads that write it.
+
+    ```python
+    with eqx_mtp.Checkpointer("runs/mine/checkpoints") as checkpointer:
+        checkpointer.save(step, model=model, opt_state=opt_state)
+    ```
 
     **Arguments:**
 
-    - `directory`: where the step folders go (created if missing).
+    - `directory`: where the step folders go (created if missing); not a step's own
+        directory.
     - `keep`: how many of the latest checkpoints to keep.
     - `async_save`: save in a background thread.
+    - `read_only`: only read: saving is refused and nothing is created or deleted.
     """
 
     def __init__(
-        self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int = 3,
+        async_save: bool = True,
+        read_only: bool = False,
     ):
         if keep < 1:
             raise ValueError(f"Checkpointer: keep must be >= 1, got {keep}")
         self.directory = pathlib.Path(directory).absolute()
+        if is_step_directory(self.directory):
+            raise CheckpointError(
+                f"{self.directory} is the directory of one checkpoint (step "
+                f"{self.directory.name}); give the directory that holds the steps, "
+                f"{self.directory.parent}"
+            )
+        if read_only and not self.directory.is_dir():
+            raise CheckpointError(f"checkpoint directory {self.directory} not found")
+        self.read_only = read_only
         policy = preservation_policy.AnyPreservationPolicy(
             [
                 preservation_policy.LatestN(keep),
@@ -125,40 +245,119 @@ class Checkpointer:
                 ),
             ]
         )
+        # Read-only is ours (`save` refuses): Orbax's own flag logs warnings on
+        # every open. Without a preservation policy nothing would be deleted anyway.
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=policy,
+            preservation_policy=None if read_only else policy,
             enable_async_checkpointing=async_save,
-            create=True,
+            create=not read_only,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # Holds the manager, not `self`: a Checkpointer dropped unclosed is closed
+        # when collected, and one alive at exit by the exit hook.
+        self._finalizer = weakref.finalize(self, _close_manager, self._manager)
+        _close_at_exit(self._finalizer)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def steps(self) -> list[int]:
         """Steps of the finished checkpoints, oldest first."""
         return sorted(self._manager.all_steps())
 
+    def _missing_step(self, step: int) -> CheckpointError:
+        found = self.steps()
+        return CheckpointError(
+            f"no checkpoint of step {step} in {self.directory}; "
+            + (f"steps found: {found}" if found else "it holds no checkpoint")
+        )
+
     def save(
         self,
         step: int,
         *,
-        model: MTPModel,
-        opt_state: PyTree,
-        data_state: dict,
-        rng: jax.Array,
-        config: dict,
+        model: PyTree,
+        opt_state: PyTree | None = None,
+        data_state: dict | None = None,
+        rng: jax.Array | None = None,
+        config: dict | ModelConfig | None = None,
         eval_loss: float | None = None,
     ) -> None:
-        """Start saving a checkpoint of `step` (returns before the write finishes)."""
+        """Start saving a checkpoint of `step` (returns before the write finishes).
+
+        **Arguments:**
+
+        - `step`: the step; must be after every checkpoint in the directory.
+        - `model`: an [`eqx_mtp.MTPModel`][] or any Equinox module (your own trunk
+            with [`eqx_mtp.MTPDepths`][]); its arrays are saved.
+        - `opt_state`: optional optimizer state.
+        - `data_state`: optional JSON-serialisable state of your data iterator.
+        - `rng`: optional PRNG key (a typed key or raw `uint32` words).
+        - `config`: a JSON-serialisable dict in either layout above, or a
+            `ModelConfig`; default `{"model": model.config.to_dict()}` for an
+            `MTPModel`, else `{}`.
+        - `eval_loss`: optional; the checkpoint with the lowest is kept beside the
+            last `keep`.
+        """
+        if not self._finalizer.alive:
+            raise CheckpointError(f"Checkpointer of {self.directory} is closed")
+        if self.read_only:
+            raise CheckpointError(f"Checkpointer of {self.directory} is read-only")
+        steps = self.steps()
+        if steps and step <= steps[-1]:
+            # Orbax would skip it without a word, and never overwrites: say so.
+            raise CheckpointError(
+                f"cannot save step {step} in {self.directory}: checkpoints are saved "
+                f"in increasing steps and never overwritten; steps found: {steps}"
+            )
+        if isinstance(config, ModelConfig):
+            config = config.to_dict()
+        elif config is None and isinstance(model, MTPModel):
+            config = dict(model=model.config.to_dict())
+        elif config is None:
+            config = {}
+        params = eqx.filter(model, eqx.is_array)
+        if not jax.tree.leaves(params):
+            raise CheckpointError("Checkpointer.save: the model has no arrays")
+        if rng is None:
+            rng_words, rng_impl = None, None
+        elif jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng_words = np.asarray(jax.random.key_data(rng)).tolist()
+            rng_impl = str(jax.random.key_impl(rng))
+        else:
+            rng_words, rng_impl = np.asarray(rng, np.uint32).tolist(), _RAW_KEY
+        if opt_state is None:
+            opt_kind = _OPT_ABSENT
+        elif jax.tree.leaves(opt_state):
+            opt_kind = _OPT_SAVED
+        else:
+            # E.g. plain SGD's: nothing to write (Orbax refuses an empty tree), and
+            # the template given to `restore` is the whole state.
+            opt_kind = _OPT_LEAFLESS
+        run_state = dict(
+            data=data_state, rng=rng_words, rng_impl=rng_impl, opt_state=opt_kind
+        )
+        # Fail here, before any background write starts, not half-way through.
+        for name, value in (("config", config), ("data_state", data_state)):
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise TypeError(
+                    f"Checkpointer.save: {name} must be JSON-serialisable: {error}"
+                ) from None
+        items = dict(
+            model=ocp.args.StandardSave(params),
+            run_state=ocp.args.JsonSave(run_state),
+            config=ocp.args.JsonSave(config),
+        )
+        if opt_kind == _OPT_SAVED:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
         metrics = None if eval_loss is None else {_EVAL_METRIC: float(eval_loss)}
-        rng_words = np.asarray(jax.random.key_data(rng)).tolist()
         self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                model=ocp.args.StandardSave(eqx.filter(model, eqx.is_array)),
-                opt_state=ocp.args.StandardSave(opt_state),
-                run_state=ocp.args.JsonSave(dict(data=data_state, rng=rng_words)),
-                config=ocp.args.JsonSave(config),
-            ),
-            metrics=metrics,
+            step, args=ocp.args.Composite(**items), metrics=metrics, force=True
         )
 
     def wait(self) -> None:
@@ -166,9 +365,8 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish pending saves and release the manager (again: nothing happens)."""
+        self._finalizer()
 
     def set_aside_after(self, step: int, destination: str | os.PathLike) -> list[int]:
         """Move the checkpoints newer than `step` (ones that failed to restore, so
@@ -199,6 +397,8 @@ class Checkpointer:
 
     def read_config(self, step: int) -> dict:
         """The configuration stored with checkpoint `step`."""
+        if step not in self.steps():
+            raise self._missing_step(step)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         )
@@ -207,7 +407,8 @@ class Checkpointer:
     def restore(
         self,
         *,
-        model_config: ModelConfig,
+        model_config: ModelConfig | None = None,
+        like: PyTree | None = None,
         opt_state_template: PyTree | None = None,
         config: dict | None = None,
         may_differ: Collection[str] = (),
@@ -224,6 +425,10 @@ class Checkpointer:
         **Arguments:**
 
         - `model_config`: the model configuration to restore into.
+        - `like`: instead, a template of the model: the model itself, one like it, or
+            `eqx.filter_eval_shape(make_model, ...)` (nothing allocated). Needed for a
+            model that is not an `MTPModel`. With neither, the `ModelConfig` stored
+            in the checkpoint's config is used.
         - `opt_state_template`: a pytree of the optimizer state's shapes (e.g.
             `jax.eval_shape(optimizer.init, params)`); `None` skips it.
         - `config`: the current run configuration to compare with the stored one.
@@ -233,24 +438,38 @@ class Checkpointer:
         - `mesh`, `rules`: restore every array onto `mesh` as `rules` lay it out
             ([`eqx_mtp.partition_specs`][]); `None` restores onto this process's first
             device. Either works whatever mesh the checkpoint was saved from.
+
+        **Returns:**
+
+        A `RestoredState` with fields `step`, `model`, `opt_state`, `data_state`,
+        `rng` and `config`; each piece that was not saved is `None`.
         """
+        if model_config is not None and like is not None:
+            raise ValueError(
+                "Checkpointer.restore: give model_config or like, not both"
+            )
+        if step is not None and step not in self.steps():
+            raise self._missing_step(step)
         candidates = [step] if step is not None else self.steps()[::-1]
         if not candidates:
             raise CheckpointError(f"no checkpoint found in {self.directory}")
-        if config is not None:
+        if config is not None or (model_config is None and like is None):
             saved = self._read_config_or_none(candidates[0])
-            if saved is not None:
+            if config is not None and saved is not None:
                 differences = config_differences(saved, config, ignore=may_differ)
                 if differences:
                     raise CheckpointError(
                         f"checkpoint in {self.directory} was made with another "
                         f"config; differing fields: {'; '.join(differences)}"
                     )
+            if model_config is None and like is None and saved is not None:
+                # Not a damaged checkpoint: no fall-back would do better.
+                self._model_config_of(candidates[0], saved)
         errors = []
         for candidate in candidates:
             try:
                 return self._restore_step(
-                    candidate, model_config, opt_state_template, mesh, rules
+                    candidate, model_config, like, opt_state_template, mesh, rules
                 )
             except Exception as error:  # noqa: BLE001 - any failure means "damaged"
                 message = f"{type(error).__name__}: {str(error).splitlines()[0]}"
@@ -270,65 +489,122 @@ class Checkpointer:
         except Exception:  # noqa: BLE001 - a damaged config is handled by the fall-back
             return None
 
+    def _model_config_of(self, step: int, config: dict) -> ModelConfig:
+        try:
+            model_config = stored_model_config(config)
+        except CheckpointError as error:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory}: {error}"
+            ) from None
+        if model_config is None:
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} stores no ModelConfig "
+                f"(its config has keys {sorted(config)}; a ModelConfig is stored as "
+                '`{"model": ModelConfig.to_dict(), ...}` or as `ModelConfig.to_dict()`'
+                "); pass `like=`, a template of the model"
+            )
+        return model_config
+
     def _restore_step(
-        self, step, model_config, opt_state_template, mesh, rules
+        self, step, model_config, like, opt_state_template, mesh, rules
     ) -> RestoredState:
-        params_template, static = eqx.partition(
-            model_template(model_config), _is_array_or_shape
-        )
+        if like is not None:
+            template = _shapes_of(like)
+        else:
+            if model_config is None:
+                model_config = self._model_config_of(step, self.read_config(step))
+            template = model_template(model_config)
+        params_template, static = eqx.partition(template, _is_array_or_shape)
+        run_state = self._manager.restore(
+            step, args=ocp.args.Composite(run_state=ocp.args.JsonRestore())
+        ).run_state
+        opt_kind = run_state.get("opt_state", _OPT_SAVED)
         items = dict(
             model=ocp.args.StandardRestore(
                 placed_template(params_template, mesh, rules)
             ),
-            run_state=ocp.args.JsonRestore(),
             config=ocp.args.JsonRestore(),
         )
+        opt_state = None
         if opt_state_template is not None:
-            items["opt_state"] = ocp.args.StandardRestore(
-                placed_template(opt_state_template, mesh, rules)
-            )
+            if opt_kind == _OPT_ABSENT:
+                raise CheckpointError(f"step {step} was saved without opt_state")
+            if opt_kind == _OPT_LEAFLESS:
+                if jax.tree.leaves(opt_state_template):
+                    raise CheckpointError(
+                        f"step {step} was saved with an opt_state of no arrays, but "
+                        "opt_state_template has some"
+                    )
+                opt_state = opt_state_template
+            else:
+                items["opt_state"] = ocp.args.StandardRestore(
+                    placed_template(opt_state_template, mesh, rules)
+                )
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        run_state = restored.run_state
+        if "opt_state" in items:
+            opt_state = restored.opt_state
         return RestoredState(
             step=step,
             model=eqx.combine(restored.model, static),
-            opt_state=restored.opt_state if opt_state_template is not None else None,
+            opt_state=opt_state,
             data_state=run_state["data"],
-            rng=jax.random.wrap_key_data(np.asarray(run_state["rng"], np.uint32)),
+            rng=_rng_from(run_state),
             config=restored.config,
         )
 
 
+def _rng_from(run_state: dict) -> jax.Array | None:
+    words = run_state.get("rng")
+    if words is None:
+        return None
+    words = np.asarray(words, np.uint32)
+    impl = run_state.get("rng_impl")
+    if impl == _RAW_KEY:
+        return jax.numpy.asarray(words)
+    # Checkpoints written before `rng_impl` existed hold the default implementation.
+    return jax.random.wrap_key_data(words, impl=impl)
+
+
 def load_checkpoint(
-    path: str | os.PathLike, *, step: int | None = None
-) -> tuple[MTPModel, dict]:
-    """Load a model from a checkpoint directory alone.
+    path: str | os.PathLike, *, step: int | None = None, like: PyTree | None = None
+) -> tuple[PyTree, dict]:
+    """Load a model from a checkpoint directory alone; nothing there is changed.
 
     **Arguments:**
 
-    - `path`: a run directory (with `checkpoints/` inside) or its checkpoint directory.
-    - `step`: which checkpoint; default the newest that loads.
+    - `path`: a run directory (with `checkpoints/` inside), its checkpoint directory,
+        or one checkpoint's own directory (`checkpoints/<step>`).
+    - `step`: which checkpoint; default the newest that loads (or the one `path`
+        names).
+    - `like`: a template of the model (the model, one like it, or
+        `eqx.filter_eval_shape` of its constructor); needed when it is not an
+        [`eqx_mtp.MTPModel`][] whose `ModelConfig` the checkpoint's config holds
+        (see [`eqx_mtp.Checkpointer`][] for the two layouts).
 
     **Returns:**
 
-    `(model, config)`: the model rebuilt from its stored configuration, and the whole
-    stored run configuration.
+    `(model, config)`: the model, and the whole stored configuration.
     """
     directory = pathlib.Path(path)
     if not directory.exists():
         raise CheckpointError(f"checkpoint path {directory} does not exist")
-    if (directory / "checkpoints").is_dir():
+    if is_step_directory(directory):
+        if not directory.name.isdigit():
+            raise CheckpointError(
+                f"{directory} looks like one checkpoint's directory but its name is "
+                "not a step"
+            )
+        named = int(directory.name)
+        if step is not None and step != named:
+            raise CheckpointError(
+                f"{directory} is the checkpoint of step {named}, not of step {step}"
+            )
+        directory, step = directory.parent, named
+    elif (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
-    checkpointer = Checkpointer(directory, async_save=False)
+    checkpointer = Checkpointer(directory, async_save=False, read_only=True)
     try:
-        steps = [step] if step is not None else checkpointer.steps()[::-1]
-        if not steps:
-            raise CheckpointError(f"no checkpoint found in {directory}")
-        config = checkpointer._read_config_or_none(steps[0])
-        if config is None or "model" not in config:
-            raise CheckpointError(f"checkpoint {directory} has no readable config")
-        model_config = ModelConfig.from_dict(config["model"])
-        restored = checkpointer.restore(model_config=model_config, step=step)
+        restored = checkpointer.restore(like=like, step=step)
         return restored.model, restored.config
     finally:
         checkpointer.close()

@@ -7,9 +7,10 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from .._loss import Reduction, mtp_loss_sums, reduce_losses
 from .._mesh import check_batch_fits_mesh
@@ -218,13 +219,12 @@ def accumulated_loss_and_grad(
     return loss, aux, grads
 
 
-@eqx.filter_jit(donate="all-except-first")
 def train_step(
     optimizer: optax.GradientTransformation,
     model: MTPModel,
     opt_state: PyTree,
     batch: dict[str, Array],
-    mtp_weight: Float[Array, ""],
+    mtp_weight: Float[ArrayLike, ""],
     reduction: Reduction = "mean",
     mesh: Mesh | None = None,
     rules: tuple[ShardingRule, ...] = DEFAULT_RULES,
@@ -232,12 +232,27 @@ def train_step(
     """One optimizer step on a `[micro_batches, rows, seq]` batch; returns the new
     model, optimizer state and the loss metrics (with the gradient's global norm).
 
-    The model, optimizer state and batch buffers are donated. With a `mesh`, the loss
-    is computed as [`eqx_mtp.accumulated_loss_and_grad`][] does on it, and the
-    gradients, the new parameters and the new optimizer state are laid out by `rules`
+    The model's and the optimizer state's buffers are donated (their updated values
+    take their memory), so use the returned ones; the batch and `mtp_weight` are not,
+    and may be passed again. With a `mesh`, the loss is computed as
+    [`eqx_mtp.accumulated_loss_and_grad`][] does on it, and the gradients, the new
+    parameters and the new optimizer state are laid out by `rules`
     ([`eqx_mtp.partition_specs`][]), as the model and state passed in should be
     ([`eqx_mtp.shard_tree`][]).
     """
+    if not eqx.is_array(mtp_weight):
+        # A Python float would be static under `jit`: one program per value.
+        mtp_weight = np.asarray(mtp_weight, np.float32)
+    kept = (optimizer, batch, mtp_weight, reduction, mesh, rules)
+    return _donating_train_step(kept, model, opt_state)
+
+
+# Equinox donates every argument but the first: what must survive the call goes
+# there. Donating the batch never saved memory anyway: no output has its shapes, so
+# XLA could not reuse its buffers.
+@eqx.filter_jit(donate="all-except-first")
+def _donating_train_step(kept, model, opt_state):
+    optimizer, batch, mtp_weight, reduction, mesh, rules = kept
     loss, aux, grads = accumulated_loss_and_grad(
         model, batch, mtp_weight=mtp_weight, reduction=reduction, mesh=mesh
     )
