@@ -185,7 +185,8 @@ SETUP = {
     "docs/weights.md": _weights,
 }
 # Pages with a test of their own below, which runs them and checks what they print.
-OWN_TEST = {"docs/weights.md", "docs/own_trunk.md"}
+# (docs/api/checkpoints.md: tests/test_own_loop.py)
+OWN_TEST = {"docs/weights.md", "docs/own_trunk.md", "docs/api/checkpoints.md"}
 
 
 @pytest.fixture
