@@ -21,7 +21,7 @@ from helpers import (
 import eqx_mtp
 from eqx_mtp.train._job import TrainConfig, train
 
-TIMEOUT_S = 110
+TIMEOUT_S = 300
 
 TINY_MESH_JOB = dict(
     TINY_JOB,

@@ -48,7 +48,7 @@ def _lines(run) -> int:
         return 0
 
 
-def _wait_for_lines(run, count, process, timeout=90.0) -> None:
+def _wait_for_lines(run, count, process, timeout=240.0) -> None:
     deadline = time.monotonic() + timeout
     while _lines(run) < count:
         assert process.poll() is None, "the run ended before it was signalled"
@@ -85,7 +85,7 @@ def test_restart_loop_with_sigkill_at_random_moments(corpus, tmp_path):
             kills.append((moment, _lines(run)))
         process = start_process(command, log=log)
         try:
-            assert wait_all([process], 120) == [0]
+            assert wait_all([process], 300) == [0]
         finally:
             kill_group(process)
     print(
@@ -120,7 +120,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_continues(
             _wait_for_lines(run, target, process)
             signalled = time.monotonic()
             os.killpg(process.pid, signal.SIGTERM)
-            assert wait_all([process], 30) == [EXIT_PREEMPTED]
+            assert wait_all([process], 90) == [EXIT_PREEMPTED]
             assert time.monotonic() - signalled < 30
         finally:
             kill_group(process)
@@ -137,7 +137,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_continues(
     with open(tmp_path / "log.txt", "a") as log:
         process = start_process(command, log=log)
         try:
-            assert wait_all([process], 120) == [0]
+            assert wait_all([process], 300) == [0]
         finally:
             kill_group(process)
     assert (
@@ -171,9 +171,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(corpus, tmp_path):
         for i in range(2):
             command = CLI + flags + [f"--process-id={i}"]
             processes.append(start_process(command, env=env, log=logs[i]))
-        _wait_for_lines(run, 3, processes[0], timeout=100)
+        _wait_for_lines(run, 3, processes[0], timeout=240)
         os.killpg(processes[1].pid, signal.SIGTERM)
-        assert wait_all(processes, 60) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+        assert wait_all(processes, 150) == [EXIT_PREEMPTED, EXIT_PREEMPTED]
     finally:
         for p in processes:
             kill_group(p)
