@@ -24,6 +24,7 @@ from ._checks import (
     check_segment_ids,
 )
 from ._config import LOSS_IMPLS
+from ._documents import number_documents
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import (
     CONTEXT,
@@ -39,7 +40,7 @@ from ._model import MTPModel
 from ._mtp import MTPDepths, _check_depth_inputs, depth_losses_unchecked
 from ._precision import in_compute_dtype
 from ._schedule import MTPWeight
-from ._targets import depth_targets, segment_positions
+from ._targets import segment_positions, targets_of_depth
 from ._vocab_parallel import rows_head_loss_sum
 
 Reduction = Literal["mean", "pooled"]
@@ -366,8 +367,8 @@ def loss_sums_unchecked(
         # `_gathered_over_data`).
         embedding = _gathered_over_data(embedding, mesh)
 
-    targets, valid = depth_targets(
-        tokens, 0, segment_ids=segment_ids, loss_mask=loss_mask
+    targets, valid = targets_of_depth(
+        tokens, 0, documents=number_documents(segment_ids), loss_mask=loss_mask
     )
     main_sum, main_count = rows_head_loss_sum(
         final_norm(hidden),

@@ -25,8 +25,8 @@ from ._documents import number_documents
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import map_rows, tracing_on
 from ._precision import in_compute_dtype
-from ._roll import roll_and_mask
-from ._targets import depth_targets, segment_positions
+from ._roll import shift_within_documents
+from ._targets import segment_positions, targets_of_depth
 from ._transformer import (
     RMSNorm,
     SwiGLU,
@@ -397,7 +397,7 @@ def _scan_depths(
         depth = eqx.combine(depth_params, static)
         source = previous if sequential else hidden
         if sequential:
-            ahead = roll_and_mask(tokens, -k, segment_ids=segment_ids)
+            ahead = shift_within_documents(tokens, -k, segment_ids)
             next_embeddings = embedding[ahead].astype(dtype)
         else:
             next_embeddings = None
@@ -544,8 +544,8 @@ def depth_losses_unchecked(
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
 
     def readout(k, normed):
-        targets, valid = depth_targets(
-            tokens, k, segment_ids=segment_ids, loss_mask=loss_mask
+        targets, valid = targets_of_depth(
+            tokens, k, documents=segment_ids, loss_mask=loss_mask
         )
         return rows_head_loss_sum(
             normed,
