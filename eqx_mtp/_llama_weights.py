@@ -115,13 +115,21 @@ def _tensor_names(path: str, config: ModelConfig) -> list[str] | str:
     raise AssertionError(f"no checkpoint name for {path}")
 
 
-def _is_array(leaf) -> bool:
-    # Arrays, and the shape-only leaves of an `eqx.filter_eval_shape` template.
+def is_array_or_shape(leaf) -> bool:
+    """Arrays, and the shape-only leaves of an `eqx.filter_eval_shape` template."""
     return isinstance(leaf, jax.Array | jax.ShapeDtypeStruct)
 
 
+def with_arrays(template, arrays: list):
+    """`template` (a module, or its `eqx.filter_eval_shape`) with its array leaves
+    replaced, in flattening order, by `arrays`."""
+    shapes, static = eqx.partition(template, is_array_or_shape)
+    treedef = jax.tree_util.tree_structure(shapes)
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, arrays), static)
+
+
 def _named_leaves(model: MTPModel) -> Iterator[tuple[str, list[str] | str, object]]:
-    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(model, _is_array))
+    leaves = jax.tree_util.tree_leaves_with_path(eqx.filter(model, is_array_or_shape))
     for path, leaf in leaves:
         name = _path_name(path)
         yield name, _tensor_names(name, model.config), leaf
@@ -368,18 +376,17 @@ def load_llama(
         for index, name in enumerate(names):
             is_depth = path.startswith("depths.")
             if is_depth and index >= stored:
-                fresh = _leaf_at(new_depths, path.removeprefix("depths."))
+                fresh = leaf_at(new_depths, path.removeprefix("depths."))
                 slices.append(np.asarray(fresh[index]))
             else:
                 slices.append(checkpoint.get(name, leaf.shape[1:]))
         replacements.append(jnp.asarray(np.stack(slices)))
     _check_all_read(checkpoint, config)
-    params, static = eqx.partition(template, _is_array)
-    treedef = jax.tree_util.tree_structure(params)
-    return eqx.combine(jax.tree_util.tree_unflatten(treedef, replacements), static)
+    return with_arrays(template, replacements)
 
 
-def _leaf_at(module, path: str):
+def leaf_at(module, path: str):
+    """The attribute at a dotted `path` (`"trunk.final_norm.weight"`)."""
     for part in path.split("."):
         module = getattr(module, part)
     return module

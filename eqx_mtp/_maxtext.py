@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Shaped
 
+from ._llama_weights import leaf_at, with_arrays
 from ._model import MTPModel
 
 # MaxText's RMSNorm epsilon (`normalization_layer_epsilon`'s default).
@@ -169,34 +170,25 @@ def load_maxtext_mtp(
 
     rebuilt = _with_norm_eps(model, norm_eps)
     for path, value in replacements.items():
-        current = _leaf(rebuilt, path)
+        current = leaf_at(rebuilt, path)
         if value.shape != current.shape:
             raise ValueError(
                 f"load_maxtext_mtp: {path} would take shape {value.shape} from "
                 f"params, but the model's is {current.shape}"
             )
         rebuilt = eqx.tree_at(
-            lambda m, path=path: _leaf(m, path), rebuilt, jnp.asarray(value)
+            lambda m, path=path: leaf_at(m, path), rebuilt, jnp.asarray(value)
         )
     return rebuilt
-
-
-def _leaf(module, path: str):
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _with_norm_eps(model: MTPModel, norm_eps: float) -> MTPModel:
     """The same arrays in a model whose norms use `norm_eps` (a static field)."""
     config = dataclasses.replace(model.config, norm_eps=float(norm_eps))
     template = eqx.filter_eval_shape(MTPModel, config, key=jax.random.key(0))
-    shapes, static = eqx.partition(
-        template, lambda x: isinstance(x, jax.Array | jax.ShapeDtypeStruct)
+    return with_arrays(
+        template, jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
     )
-    arrays = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
-    treedef = jax.tree_util.tree_structure(shapes)
-    return eqx.combine(jax.tree_util.tree_unflatten(treedef, arrays), static)
 
 
 def maxtext_loss_mask(

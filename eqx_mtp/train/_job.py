@@ -201,19 +201,27 @@ class TrainConfig:
                 num_kv_heads=self.num_kv_heads,
                 mlp_dim=self.mlp_dim,
                 max_seq_len=self.max_seq_len or self.seq_len,
-                num_depths=self.num_depths,
-                mtp_kind=self.mtp_kind,
-                mtp_block=self.mtp_block,
-                depth_final_norm=self.depth_final_norm,
-                shared_depth_layer=self.shared_depth_layer,
-                remat=self.remat,
-                attention_impl=self.attention_impl,
-                attention_block_size=self.attention_block_size,
-                compute_dtype=self.compute_dtype,
-                train_depths_only=self.train_depths_only,
+                **self._depth_and_step_options(),
             )
         except ValueError as error:
             raise UserError(str(error).replace("ModelConfig.", "--")) from None
+
+    def _depth_and_step_options(self) -> dict[str, Any]:
+        """The `ModelConfig` fields this config sets whatever shapes the trunk: the
+        depths, and how a step is computed."""
+        names = (
+            "num_depths",
+            "mtp_kind",
+            "mtp_block",
+            "depth_final_norm",
+            "shared_depth_layer",
+            "remat",
+            "attention_impl",
+            "attention_block_size",
+            "compute_dtype",
+            "train_depths_only",
+        )
+        return {name: getattr(self, name) for name in names}
 
     def _pretrained_config(self) -> ModelConfig:
         config_file = pathlib.Path(self.init_from) / CONFIG_FILE
@@ -222,18 +230,7 @@ class TrainConfig:
         except (OSError, ValueError) as error:
             message = f"--init-from: cannot read {config_file}: {error}"
             raise UserError(message) from None
-        options = dict(
-            num_depths=self.num_depths,
-            mtp_kind=self.mtp_kind,
-            mtp_block=self.mtp_block,
-            depth_final_norm=self.depth_final_norm,
-            shared_depth_layer=self.shared_depth_layer,
-            remat=self.remat,
-            attention_impl=self.attention_impl,
-            attention_block_size=self.attention_block_size,
-            compute_dtype=self.compute_dtype,
-            train_depths_only=self.train_depths_only,
-        )
+        options = self._depth_and_step_options()
         if self.max_seq_len is not None:
             options["max_seq_len"] = self.max_seq_len
         try:
