@@ -42,6 +42,10 @@ TINY_LLAMA = dict(
     max_position_embeddings=128,
 )
 
+# Pages whose ```text blocks show what the Python blocks before them print: the test
+# runs the page and finds each shown block in the printed output.
+PRINTS_SHOWN = ("docs/maths.md", "docs/packed_rows.md")
+
 _FENCE = re.compile(r"^```\s*(\S*)(.*)$")
 _NO_TEST = re.compile(r"^<!--\s*no-test:\s*(.+?)\s*-->\s*$")
 
@@ -186,7 +190,12 @@ SETUP = {
 }
 # Pages with a test of their own below, which runs them and checks what they print.
 # (docs/api/checkpoints.md: tests/test_own_loop.py)
-OWN_TEST = {"docs/weights.md", "docs/own_trunk.md", "docs/api/checkpoints.md"}
+OWN_TEST = {
+    "docs/weights.md",
+    "docs/own_trunk.md",
+    "docs/api/checkpoints.md",
+    "docs/getting_started.md",
+} | set(PRINTS_SHOWN)
 
 
 @pytest.fixture
@@ -231,6 +240,35 @@ def test_weights_page_runs(page_namespace, capsys):
     assert "2 2 True" in printed  # layers, depths, tied
     assert "attention_bias" in printed  # the refusal names the field
     assert "[[False  True  True  True  True  True]]" in printed
+
+
+@pytest.mark.parametrize("page", PRINTS_SHOWN)
+def test_page_prints_what_it_shows(page, page_namespace, capsys):
+    """A page that shows printed values (the validity rule, the neighbour-pair leak)
+    prints exactly those: a changed rule changes the output, and the page says so."""
+    shown = re.findall(r"^```text\n(.*?)^```", (ROOT / page).read_text(), re.M | re.S)
+    assert shown, page
+    assert run_page(page, page_namespace(page)) >= 2
+    printed = capsys.readouterr().out
+    for block in shown:
+        assert block in printed, f"{page} shows\n{block}but printed\n{printed}"
+
+
+def test_getting_started_page_runs(capsys):
+    """MTP added to a user's own trunk with `mtp_depth_losses`, trained with optax:
+    the loss falls."""
+    namespace: dict = {}
+    # A user's script: JAX's default promotion (optax mixes int32 and Python floats).
+    with jax.numpy_dtype_promotion("standard"):
+        for block in python_blocks("getting_started.md"):
+            exec(compile(block, "docs/getting_started.md", "exec"), namespace)
+    losses = namespace["losses"]
+    assert all(map(math.isfinite, losses))
+    # The rows count upwards, so every depth's target is learnable: a depth scan
+    # that read the wrong embedding or target would not reach a small loss.
+    assert losses[-1] < 0.25 * losses[0]
+    assert namespace["depth_losses"].shape == (2,)
+    assert "depths now" in capsys.readouterr().out
 
 
 def test_own_trunk_page_runs(capsys):
