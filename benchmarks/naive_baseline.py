@@ -21,8 +21,9 @@ holds its loss and gradients equal to `eqx_mtp.mtp_loss`'s.
 
 Both run from the same initial weights on the same packed rows (documents of
 `--document-length // 2` to `3 × --document-length // 2` tokens,
-`_common.packed_rows`). Per D: compile time (`lower` and `compile` timed apart, then
-a first call, timed apart again), XLA's compiled temporary memory
+`_common.packed_rows`). Per D, after one untimed round at the first D (which takes
+the process's one-time start-up costs): compile time (`lower` and `compile` timed
+apart, then a first call, timed apart again), XLA's compiled temporary memory
 (`memory_analysis().temp_size_in_bytes`), the loss of each at the first step (they
 must agree), then `--repeats` timed steps of each, interleaved (ours, naive, for
 every D, then again), each ended with `block_until_ready`; medians and min–max of
@@ -215,6 +216,10 @@ def main():
     with warnings.catch_warnings():
         # Donated buffers the CPU backend cannot reuse: harmless, and noisy.
         warnings.filterwarnings("ignore", message="Some donated buffers")
+        # The process's one-time costs (XLA and LLVM start-up, first traces of
+        # equinox, optax and eqx_mtp) would otherwise land on the first D measured.
+        setup(train, depths[0], tokens, segment_ids, positions)
+        jax.clear_caches()
         records, runs, states = {}, {}, {}
         for d in depths:
             records[d], runs[d], states[d] = setup(
