@@ -29,7 +29,9 @@ must agree), then `--repeats` timed steps of each, interleaved (ours, naive, for
 every D, then again), each ended with `block_until_ready`; medians and min–max of
 the wall clock, and the median CPU seconds of this process (all its threads), which
 a machine shared with other jobs disturbs less.
-Ratios are ours / naive: below 1 is ours smaller or faster.
+Ratios are ours / naive: below 1 is ours smaller or faster. The script fails (after
+writing the JSON, before the docs) when the two first-step losses differ by more than
+`LOSS_RTOL` (1e-4, relative).
 
 `--quick`: 2 × 32 tokens, one trunk layer of width 32, D = 1 and 2, one repeat.
 """
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 import warnings
 
@@ -55,6 +58,9 @@ from eqx_mtp.train._job import TrainConfig
 from eqx_mtp.train._train_step import _donating_train_step
 
 MiB = 2**20
+# Two float32 programs that sum in different orders: their losses agree to about
+# 1e-7 (tests/test_naive_baseline.py holds them to 1e-5); a larger gap is a bug.
+LOSS_RTOL = 1e-4
 QUICK = dict(batch_size=2, seq_len=32, dim=32, num_layers=1, mlp_dim=64)
 
 
@@ -294,6 +300,16 @@ def main():
         results=results,
     )
     _common.write_results("naive_baseline", payload, args)
+    disagree = [
+        r["num_depths"]
+        for r in results
+        if r["first_loss_relative_difference"] > LOSS_RTOL
+    ]
+    if disagree:
+        sys.exit(
+            f"the two steps' first-step losses differ by more than {LOSS_RTOL:g} "
+            f"(relative) at D = {disagree}: they do not compute the same loss"
+        )
     _common.write_doc_section("naive_baseline", doc_section(payload, args), args)
 
 
