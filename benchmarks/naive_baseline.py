@@ -33,7 +33,8 @@ Ratios are ours / naive: below 1 is ours smaller or faster. The script fails (af
 writing the JSON, before the docs) when the two first-step losses differ by more than
 `LOSS_RTOL` (1e-4, relative).
 
-`--quick`: 2 × 32 tokens, one trunk layer of width 32, D = 1 and 2, one repeat.
+`--quick`: 2 × 32 tokens, one trunk layer of width 32, D = 1 and 2, one repeat, no
+untimed first round (about 30 s of CPU).
 """
 
 from __future__ import annotations
@@ -224,8 +225,10 @@ def main():
         warnings.filterwarnings("ignore", message="Some donated buffers")
         # The process's one-time costs (XLA and LLVM start-up, first traces of
         # equinox, optax and eqx_mtp) would otherwise land on the first D measured.
-        setup(train, depths[0], tokens, segment_ids, positions)
-        jax.clear_caches()
+        # Left out of a smoke run, whose compile times mean nothing.
+        if not args.quick:
+            setup(train, depths[0], tokens, segment_ids, positions)
+            jax.clear_caches()
         records, runs, states = {}, {}, {}
         for d in depths:
             records[d], runs[d], states[d] = setup(
