@@ -122,6 +122,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("step_memory"),
     Benchmark("compile_time"),
     Benchmark("mtp_overhead"),
+    Benchmark("naive_baseline"),
     Benchmark("ce_speed"),
     Benchmark("mesh", _mesh_arguments),
     Benchmark("decode", _decode_arguments),
