@@ -12,7 +12,14 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
-from .._loss import Reduction, mtp_loss_sums, reduce_losses
+from .._loss import (
+    Reduction,
+    loss_coefficients,
+    mtp_loss_sums,
+    reduce_losses,
+    weighted_loss_sums,
+    weighted_path_applies,
+)
 from .._mesh import check_batch_fits_mesh
 from .._model import MTPModel
 from .._sharding import DEFAULT_RULES, ShardingRule, shard_tree
@@ -179,15 +186,28 @@ def accumulated_loss_and_grad(
         segment_ids=flat(segment_ids),
         loss_mask=flat(loss_mask),
     )
-    coefficients = jax.grad(
-        lambda sums: reduce_losses(
-            sums, token_counts, mtp_weight=mtp_weight, reduction=reduction
-        )[0]
-    )(jnp.zeros(num_depths + 1, jnp.float32))
+    coefficients = loss_coefficients(
+        token_counts, mtp_weight=mtp_weight, reduction=reduction
+    )
 
     mesh_kwargs = {} if mesh is None else dict(mesh=mesh)
+    # The library's own sums take the weighted path where it applies: the
+    # unembedding's gradient is accumulated in the forward pass, once for all depths.
+    weighted = loss_sums_fn is mtp_loss_sums and weighted_path_applies(
+        model.config, mesh
+    )
 
     def surrogate(m, micro):
+        if weighted:
+            total, sums, _ = weighted_loss_sums(
+                m,
+                micro["tokens"],
+                sum_weights=coefficients,
+                segment_ids=micro.get("segment_ids"),
+                positions=micro.get("positions"),
+                loss_mask=micro.get("loss_mask"),
+            )
+            return total, jax.lax.stop_gradient(sums)
         sums, _ = loss_sums_fn(
             m,
             micro["tokens"],
