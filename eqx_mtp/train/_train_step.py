@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
 from .._loss import (
     Reduction,
@@ -135,7 +135,7 @@ def make_optimizer(
 
 def accumulated_loss_and_grad(
     model: MTPModel,
-    batch: dict[str, Int[Array, "micro batch seq"]],
+    batch: dict[str, Int[Array, "micro batch seq"] | Bool[Array, "micro batch seq"]],
     *,
     mtp_weight: float | Float[Array, ""],
     reduction: Reduction = "mean",
