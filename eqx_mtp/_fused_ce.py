@@ -10,6 +10,12 @@ Two custom VJPs:
     known in the forward pass, so both matmul gradients are accumulated there, chunk by
     chunk, and the backward only scales them by the scalar cotangent: three matmuls, no
     recompute, at the price of keeping gradient-sized residuals.
+
+Where the sum's cotangent is known in advance too (`mtp_loss` and `train_step`: the
+loss is linear in the per-depth sums once the counts are fixed),
+`weighted_loss_sum_unchecked` returns the unembedding gradient as a value instead of
+keeping it, so the main head and every depth add into one `[vocab, dim]` accumulator,
+and `inject_gradient` hands it to the unembedding in the backward pass.
 """
 
 from __future__ import annotations
@@ -354,6 +360,11 @@ def fused_loss_sum(
     `[vocab, dim]`) instead of recomputing the logits; without differentiation it is a
     single chunked matmul. Arguments as for [`eqx_mtp.fused_cross_entropy`][], except
     that `where` is required and the vocabulary is never split.
+
+    Each call keeps its own `[vocab, dim]` residual, since its cotangent is known only
+    in the backward pass. [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train_step`][] know the
+    cotangents of their per-depth sums before the forward pass and keep one such
+    array for the main head and all depths together.
     """
     fn = "fused_loss_sum"
     check_head_inputs(

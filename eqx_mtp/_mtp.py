@@ -428,7 +428,9 @@ def _scan_depths(
     # chunked loss would keep every chunk of its logits (one [tokens, vocab] array per
     # depth), and under "full" the fused loss would run its three vocabulary matmuls
     # again in the backward pass. Outside the checkpoint the readout keeps its own
-    # residuals: the fused loss's gradients, or the chunked loss's normed hidden.
+    # residuals: the fused loss's gradients (only the hidden one when the readout
+    # carries the unembedding's in `readout_init`), or the chunked loss's normed
+    # hidden.
     advance_step = remat(advance, depths.remat_policy)
 
     def body(carry, xs):

@@ -158,7 +158,10 @@ def accumulated_loss_and_grad(
     - `mtp_weight`, `reduction`: as for [`eqx_mtp.reduce_losses`][].
     - `loss_sums_fn`: `(model, tokens, *, segment_ids, positions, loss_mask) ->
         (loss_sums, token_counts)`, by default [`eqx_mtp.mtp_loss_sums`][]; it also
-        gets `mesh=` when a mesh is given.
+        gets `mesh=` when a mesh is given. The default with the fused loss and no
+        mesh computes the same sums with the `c_k` known in its forward pass, so
+        the unembedding's gradient is accumulated there in one `[vocab, dim]` array
+        for the main head and all depths (see [`eqx_mtp.mtp_loss`][]).
     - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]: every micro-batch is laid
         out rows over `data` and sequence over `context` and its loss computed as
         [`eqx_mtp.mtp_loss_sums`][] does on a mesh. The counts are global before the
