@@ -692,10 +692,8 @@ def mtp_loss(
     `Σ_k c_k S_k`, with `c_k = ∂L/∂S_k` known from the batch's token counts before
     the forward pass: the unembedding's gradient is accumulated there in one
     `[vocab, dim]` float32 buffer for the main head and every depth, and the loss
-    keeps no such buffer per depth for the backward pass. The forward pass then
-    always runs the fused loss's three matmuls: to evaluate without
-    differentiating, [`eqx_mtp.mtp_loss_sums`][] and [`eqx_mtp.reduce_losses`][]
-    run one.
+    keeps no such buffer per depth for the backward pass. (Not differentiated, the
+    unused gradient is left out of the compiled program.)
     """
     check_batch(
         model,
