@@ -8,7 +8,12 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._checks import check_choice, check_chunk_size, check_head_inputs
 from ._config import LOSS_IMPLS
-from ._fused_ce import DEFAULT_CHUNK_SIZE, loss_sum_unchecked, token_losses_unchecked
+from ._fused_ce import (
+    DEFAULT_CHUNK_SIZE,
+    loss_sum_unchecked,
+    token_losses_unchecked,
+    weighted_loss_sum_unchecked,
+)
 
 
 def naive_loss_sum(
@@ -51,7 +56,9 @@ def head_loss_sum(
     - `chunk_size`: tokens per chunk of logits (`None`: one chunk).
     - `impl`: `"fused"` (the default) accumulates both matmul gradients in the forward
         pass and scales them by the cotangent in the backward: three matmuls, with
-        gradient-sized residuals (`[tokens, dim]` and `[vocab, dim]`). `"chunked"` sums
+        gradient-sized residuals (`[tokens, dim]` and `[vocab, dim]`; in
+        [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train_step`][] one `[vocab, dim]` for
+        the main head and all depths together). `"chunked"` sums
         [`eqx_mtp.fused_cross_entropy`][]: four matmuls (the backward recomputes the
         logits), one float per token of residuals. `"naive"` materialises the full
         logits (a reference and a benchmark baseline).
@@ -89,3 +96,19 @@ def head_loss_sum_unchecked(hidden, unembedding, targets, where, *, chunk_size, 
     else:
         total = naive_loss_sum(hidden, unembedding, targets, where)
     return total, jnp.sum(where, dtype=jnp.int32)
+
+
+def rows_weighted_loss_sum(hidden, unembedding, targets, where, weight, *, chunk_size):
+    """The fused head loss of `[batch, seq]` rows on one device, with its unembedding
+    gradient times `weight` returned as a value (`weighted_loss_sum_unchecked`):
+    `(loss_sum, token_count, unembedding_grad)`; the sum is differentiable w.r.t.
+    `hidden` only."""
+    total, unembedding_grad = weighted_loss_sum_unchecked(
+        hidden.reshape(-1, hidden.shape[-1]),
+        unembedding,
+        targets.reshape(-1),
+        where.reshape(-1),
+        weight,
+        chunk_size=chunk_size,
+    )
+    return total, jnp.sum(where, dtype=jnp.int32), unembedding_grad

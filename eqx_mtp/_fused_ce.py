@@ -10,6 +10,12 @@ Two custom VJPs:
     known in the forward pass, so both matmul gradients are accumulated there, chunk by
     chunk, and the backward only scales them by the scalar cotangent: three matmuls, no
     recompute, at the price of keeping gradient-sized residuals.
+
+Where the sum's cotangent is known in advance too (`mtp_loss` and `train_step`: the
+loss is linear in the per-depth sums once the counts are fixed),
+`weighted_loss_sum_unchecked` returns the unembedding gradient as a value instead of
+keeping it, so the main head and every depth add into one `[vocab, dim]` accumulator,
+and `inject_gradient` hands it to the unembedding in the backward pass.
 """
 
 from __future__ import annotations
@@ -309,7 +315,8 @@ def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
     )
     if not with_grads:
         return total, None
-    return total, (_unchunked(grad_h, num_tokens), grad_w.astype(unembed.dtype))
+    # `grad_w` stays float32: `_loss_sum_fwd` casts it, the weighted sum accumulates it.
+    return total, (_unchunked(grad_h, num_tokens), grad_w)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -319,7 +326,10 @@ def _loss_sum(hidden, unembed, targets, where, chunk):
 
 
 def _loss_sum_fwd(hidden, unembed, targets, where, chunk):
-    return _loss_sum_impl(hidden, unembed, targets, where, chunk, True)
+    total, (grad_h, grad_w) = _loss_sum_impl(
+        hidden, unembed, targets, where, chunk, True
+    )
+    return total, (grad_h, grad_w.astype(unembed.dtype))
 
 
 def _loss_sum_bwd(chunk, residuals, cotangent):
@@ -350,6 +360,11 @@ def fused_loss_sum(
     `[vocab, dim]`) instead of recomputing the logits; without differentiation it is a
     single chunked matmul. Arguments as for [`eqx_mtp.fused_cross_entropy`][], except
     that `where` is required and the vocabulary is never split.
+
+    Each call keeps its own `[vocab, dim]` residual, since its cotangent is known only
+    in the backward pass. [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train_step`][] know the
+    cotangents of their per-depth sums before the forward pass and keep one such
+    array for the main head and all depths together.
     """
     fn = "fused_loss_sum"
     check_head_inputs(
@@ -366,3 +381,91 @@ def loss_sum_unchecked(hidden, unembed, targets, where, *, chunk_size):
         return jnp.zeros((), jnp.float32)
     chunk = num_tokens if chunk_size is None else min(chunk_size, num_tokens)
     return _loss_sum(hidden, unembed, targets, where, chunk)
+
+
+# --------------------------------------------------------------------------------------
+# Weighted loss sum: the unembedding gradient returned as a value, not kept.
+# --------------------------------------------------------------------------------------
+#
+# Where the cotangent `c` of a loss sum is known before the sum is computed (the loss is
+# linear in the per-depth sums once the token counts are fixed), `c · ∂S/∂unembed` can
+# be computed in the forward pass and added into one `[vocab, dim]` float32
+# accumulator shared by the main head and every depth. Differentiation then keeps only
+# the `[tokens, dim]` hidden gradient of each head, and `inject_gradient` hands the
+# accumulator to the unembedding in the backward pass.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _weighted_loss_sum(hidden, unembed, targets, where, weight, chunk):
+    total, (_, grad_w) = _loss_sum_impl(hidden, unembed, targets, where, chunk, True)
+    return total, weight * grad_w
+
+
+def _weighted_loss_sum_fwd(hidden, unembed, targets, where, weight, chunk):
+    total, (grad_h, grad_w) = _loss_sum_impl(
+        hidden, unembed, targets, where, chunk, True
+    )
+    return (total, weight * grad_w), grad_h
+
+
+def _weighted_loss_sum_bwd(chunk, grad_h, cotangents):
+    # The weighted unembedding gradient is a value, not a function to differentiate;
+    # the unembedding and the weight come in under `stop_gradient`.
+    cotangent, _ = cotangents
+    cotangent = cotangent.astype(jnp.float32)
+    grad_h = (cotangent * grad_h.astype(jnp.float32)).astype(grad_h.dtype)
+    return grad_h, None, None, None, None
+
+
+_weighted_loss_sum.defvjp(_weighted_loss_sum_fwd, _weighted_loss_sum_bwd)
+
+
+def weighted_loss_sum_unchecked(hidden, unembed, targets, where, weight, *, chunk_size):
+    """`(loss_sum, unembed_grad)`: the sum of `fused_loss_sum`, differentiable w.r.t.
+    `hidden` only, and `weight · ∂loss_sum/∂unembed` as a float32 `[vocab, dim]` value
+    (not differentiable), both from one chunked pass of three matmuls.
+
+    Under differentiation only the `[tokens, dim]` hidden gradient is kept. The caller
+    adds `unembed_grad` into an accumulator and hands it to the unembedding with
+    `inject_gradient`; that is exact when the sum's cotangent is `weight`, as it is in
+    a loss `Σ_k weight_k · loss_sum_k + inject_gradient(unembed, accumulator)`.
+    """
+    num_tokens = hidden.shape[0]
+    if num_tokens == 0:
+        return jnp.zeros((), jnp.float32), jnp.zeros(unembed.shape, jnp.float32)
+    chunk = num_tokens if chunk_size is None else min(chunk_size, num_tokens)
+    total, unembed_grad = _weighted_loss_sum(
+        hidden,
+        jax.lax.stop_gradient(unembed),
+        targets,
+        where,
+        jax.lax.stop_gradient(jnp.asarray(weight, jnp.float32)),
+        chunk,
+    )
+    return total, jax.lax.stop_gradient(unembed_grad)
+
+
+@jax.custom_vjp
+def _inject(x, gradient):
+    del x, gradient
+    return jnp.zeros((), jnp.float32)
+
+
+def _inject_fwd(x, gradient):
+    # An empty array of `x`'s dtype: residuals are arrays, not dtypes.
+    return _inject(x, gradient), (gradient, jnp.zeros((0,), x.dtype))
+
+
+def _inject_bwd(residuals, cotangent):
+    gradient, like_x = residuals
+    return (cotangent.astype(jnp.float32) * gradient).astype(like_x.dtype), None
+
+
+_inject.defvjp(_inject_fwd, _inject_bwd)
+
+
+def inject_gradient(x: Array, gradient: Array) -> Array:
+    """A float32 zero whose gradient w.r.t. `x` is `gradient` (times the cotangent);
+    `gradient` itself gets none. Adding it to a loss hands `x` a gradient computed in
+    the forward pass."""
+    return _inject(x, jax.lax.stop_gradient(gradient))

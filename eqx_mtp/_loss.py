@@ -24,8 +24,9 @@ from ._checks import (
     check_segment_ids,
 )
 from ._config import LOSS_IMPLS
+from ._cross_entropy import rows_weighted_loss_sum
 from ._documents import number_documents
-from ._fused_ce import DEFAULT_CHUNK_SIZE
+from ._fused_ce import DEFAULT_CHUNK_SIZE, inject_gradient
 from ._mesh import (
     CONTEXT,
     DATA,
@@ -40,7 +41,7 @@ from ._model import MTPModel
 from ._mtp import MTPDepths, _check_depth_inputs, depth_losses_unchecked
 from ._precision import in_compute_dtype
 from ._schedule import MTPWeight
-from ._targets import segment_positions, targets_of_depth
+from ._targets import segment_positions, targets_of_depth, valid_token_counts
 from ._vocab_parallel import rows_head_loss_sum
 
 Reduction = Literal["mean", "pooled"]
@@ -169,8 +170,19 @@ def mtp_loss_sums(
     )
 
 
-def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh, key=None):
-    """`mtp_loss_sums` after `check_batch`."""
+def _loss_sums(
+    model,
+    tokens,
+    *,
+    segment_ids,
+    positions,
+    loss_mask,
+    mesh,
+    key=None,
+    sum_weights=None,
+):
+    """`mtp_loss_sums` after `check_batch`; with `sum_weights`, the weighted form of
+    `loss_sums_unchecked`."""
     vocab_size = model.config.vocab_size
     # The check runs on a scalar that the tokens then depend on, so that a sharded
     # batch stays sharded (a checked array would be gathered onto one device).
@@ -227,6 +239,7 @@ def _loss_sums(model, tokens, *, segment_ids, positions, loss_mask, mesh, key=No
         loss_impl=model.config.loss_impl,
         mesh=mesh,
         key=key,
+        sum_weights=sum_weights,
     )
 
 
@@ -348,10 +361,20 @@ def loss_sums_unchecked(
     loss_impl,
     mesh,
     key=None,
+    sum_weights=None,
 ):
     """`mtp_loss_sums_from_hidden` after its checks, `final_norm` acting on
     `[batch, seq, dim]` arrays: the one code path of the objective, which
-    `mtp_loss_sums` calls on its trunk's output."""
+    `mtp_loss_sums` calls on its trunk's output.
+
+    With `sum_weights` (`[num_depths + 1]`, the cotangents `c_k` of the sums, known
+    in advance; `weighted_path_applies` says when this is allowed) it returns
+    `(weighted, loss_sums, token_counts)`, where `weighted` equals `Σ_k c_k S_k` and
+    has its gradient. Each head adds `c_k · ∂S_k/∂unembedding` into one float32
+    `[vocab, dim]` accumulator in its forward pass, which `inject_gradient` hands to
+    the unembedding in the backward pass; so differentiation keeps no unembedding
+    gradient per depth. `loss_sums` are then differentiable w.r.t. the hidden states
+    only: use them as values."""
     if segment_ids is None:
         segment_ids = jnp.ones(tokens.shape, jnp.int32)
     if positions is None:
@@ -370,6 +393,40 @@ def loss_sums_unchecked(
     targets, valid = targets_of_depth(
         tokens, 0, documents=number_documents(segment_ids), loss_mask=loss_mask
     )
+    if sum_weights is not None:
+        sum_weights = jax.lax.stop_gradient(sum_weights)
+        main_sum, main_count, unembedding_grad = rows_weighted_loss_sum(
+            final_norm(hidden),
+            unembedding,
+            targets,
+            valid,
+            sum_weights[0],
+            chunk_size=loss_chunk_size,
+        )
+        loss_sums, token_counts = main_sum[None], main_count[None]
+        if depths is not None:
+            depth_sums, depth_counts, unembedding_grad = depth_losses_unchecked(
+                depths,
+                hidden,
+                tokens,
+                embedding=embedding,
+                unembedding=unembedding,
+                final_norm=final_norm,
+                segment_ids=segment_ids,
+                positions=positions,
+                loss_mask=loss_mask,
+                loss_chunk_size=loss_chunk_size,
+                loss_impl=loss_impl,
+                key=key,
+                sum_weights=sum_weights[1:],
+                unembedding_grad=unembedding_grad,
+            )
+            loss_sums = jnp.concatenate([loss_sums, depth_sums])
+            token_counts = jnp.concatenate([token_counts, depth_counts])
+        weighted = jnp.dot(sum_weights, loss_sums) + inject_gradient(
+            unembedding, unembedding_grad
+        )
+        return weighted, loss_sums, token_counts
     main_sum, main_count = rows_head_loss_sum(
         final_norm(hidden),
         unembedding,
@@ -536,6 +593,73 @@ def reduce_losses(
     return loss, aux
 
 
+def weighted_path_applies(config, mesh: Mesh | None) -> bool:
+    """Whether a loss whose sums' cotangents are known takes the weighted form of
+    `loss_sums_unchecked`: the fused loss on one device. Other losses keep no
+    gradient-sized residuals to save, and over a mesh the vocabulary-parallel loss
+    keeps its own."""
+    return mesh is None and config.loss_impl == "fused"
+
+
+def loss_coefficients(
+    token_counts: Int[Array, " depths_plus_one"],
+    *,
+    mtp_weight: MTPWeight = 0.1,
+    reduction: Reduction = "mean",
+    depth_weights: DepthWeights | None = None,
+    step: int | Int[ArrayLike, ""] | None = None,
+) -> Float[Array, " depths_plus_one"]:
+    """`c_k = ∂L/∂S_k` of [`eqx_mtp.reduce_losses`][] at these counts. The loss is
+    linear in the sums once the counts are fixed, and the counts depend only on the
+    batch (`valid_token_counts`), so the gradient of `L` is that of `Σ_k c_k S_k`
+    with `c` known before the forward pass."""
+
+    def loss(loss_sums):
+        return reduce_losses(
+            loss_sums,
+            token_counts,
+            mtp_weight=mtp_weight,
+            reduction=reduction,
+            depth_weights=depth_weights,
+            step=step,
+        )[0]
+
+    return jax.grad(loss)(jnp.zeros(token_counts.shape, jnp.float32))
+
+
+def weighted_loss_sums(
+    model: MTPModel,
+    tokens,
+    *,
+    sum_weights,
+    segment_ids=None,
+    positions=None,
+    loss_mask=None,
+    key=None,
+):
+    """`mtp_loss_sums` on one device in the weighted form of `loss_sums_unchecked`:
+    `(weighted, loss_sums, token_counts)`, `weighted` equal to
+    `Σ_k sum_weights[k] · loss_sums[k]` and carrying its gradient, `loss_sums` to be
+    used as values. For when `weighted_path_applies`."""
+    check_batch(
+        model,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+    )
+    return _loss_sums(
+        model,
+        tokens,
+        segment_ids=segment_ids,
+        positions=positions,
+        loss_mask=loss_mask,
+        mesh=None,
+        key=key,
+        sum_weights=sum_weights,
+    )
+
+
 def mtp_loss(
     model: MTPModel,
     tokens: Int[Array, "batch seq"],
@@ -563,6 +687,13 @@ def mtp_loss(
     **Returns:**
 
     `(loss, aux)` as [`eqx_mtp.reduce_losses`][] returns them.
+
+    **Memory.** With the fused loss on one device the gradient is taken as that of
+    `Σ_k c_k S_k`, with `c_k = ∂L/∂S_k` known from the batch's token counts before
+    the forward pass: the unembedding's gradient is accumulated there in one
+    `[vocab, dim]` float32 buffer for the main head and every depth, and the loss
+    keeps no such buffer per depth for the backward pass. (Not differentiated, the
+    unused gradient is left out of the compiled program.)
     """
     check_batch(
         model,
@@ -572,6 +703,35 @@ def mtp_loss(
         loss_mask=loss_mask,
         mesh=mesh,
     )
+    reduce_kwargs = dict(
+        mtp_weight=mtp_weight,
+        reduction=reduction,
+        depth_weights=depth_weights,
+        step=step,
+    )
+    if weighted_path_applies(model.config, mesh):
+        counts = valid_token_counts(
+            tokens,
+            model.config.num_depths,
+            segment_ids=segment_ids,
+            loss_mask=loss_mask,
+        )
+        weighted, loss_sums, token_counts = _loss_sums(
+            model,
+            tokens,
+            segment_ids=segment_ids,
+            positions=positions,
+            loss_mask=loss_mask,
+            mesh=None,
+            key=key,
+            sum_weights=loss_coefficients(counts, **reduce_kwargs),
+        )
+        loss, aux = reduce_losses(
+            jax.lax.stop_gradient(loss_sums), token_counts, **reduce_kwargs
+        )
+        # The value is reduce_losses', the gradient the weighted sum's (the same
+        # function of the parameters at these counts).
+        return loss + (weighted - jax.lax.stop_gradient(weighted)), aux
     loss_sums, token_counts = _loss_sums(
         model,
         tokens,
@@ -581,11 +741,4 @@ def mtp_loss(
         mesh=mesh,
         key=key,
     )
-    return reduce_losses(
-        loss_sums,
-        token_counts,
-        mtp_weight=mtp_weight,
-        reduction=reduction,
-        depth_weights=depth_weights,
-        step=step,
-    )
+    return reduce_losses(loss_sums, token_counts, **reduce_kwargs)

@@ -21,6 +21,7 @@ from ._checks import (
     check_token_arrays,
 )
 from ._config import LOSS_IMPLS, MTPKind, RematPolicy
+from ._cross_entropy import rows_weighted_loss_sum
 from ._documents import number_documents
 from ._fused_ce import DEFAULT_CHUNK_SIZE
 from ._mesh import map_rows, tracing_on
@@ -379,8 +380,13 @@ def _scan_depths(
     segment_ids,
     positions,
     key=None,
+    readout_init=None,
 ):
-    """`scan_depths` without its input checks."""
+    """`scan_depths` without its input checks.
+
+    With `readout_init` the readout also threads a carry through the depths:
+    `readout(k, normed, carry) -> (carry, output)`, and the result is
+    `(final_carry, stacked_outputs)`."""
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
     # The scan's carry is `hidden`'s dtype: the depths compute in it.
     dtype = hidden.dtype
@@ -422,17 +428,25 @@ def _scan_depths(
     # chunked loss would keep every chunk of its logits (one [tokens, vocab] array per
     # depth), and under "full" the fused loss would run its three vocabulary matmuls
     # again in the backward pass. Outside the checkpoint the readout keeps its own
-    # residuals: the fused loss's gradients, or the chunked loss's normed hidden.
+    # residuals: the fused loss's gradients (only the hidden one when the readout
+    # carries the unembedding's in `readout_init`), or the chunked loss's normed
+    # hidden.
     advance_step = remat(advance, depths.remat_policy)
 
-    def body(previous, xs):
+    def body(carry, xs):
+        previous, readout_carry = carry
         h_k, normed = advance_step(previous, xs)
-        return h_k, readout(xs[1], normed)
+        if readout_init is None:
+            return (h_k, None), readout(xs[1], normed)
+        readout_carry, output = readout(xs[1], normed, readout_carry)
+        return (h_k, readout_carry), output
 
     depth_numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
     depth_keys = None if key is None else jax.random.split(key, depths.num_depths)
-    _, outputs = jax.lax.scan(body, hidden, (dynamic, depth_numbers, depth_keys))
-    return outputs
+    (_, readout_carry), outputs = jax.lax.scan(
+        body, (hidden, readout_init), (dynamic, depth_numbers, depth_keys)
+    )
+    return outputs if readout_init is None else (readout_carry, outputs)
 
 
 def mtp_depth_losses(
@@ -537,11 +551,50 @@ def depth_losses_unchecked(
     loss_impl="fused",
     mesh=None,
     key=None,
+    sum_weights=None,
+    unembedding_grad=None,
 ):
     """`mtp_depth_losses` without its input checks, for callers that checked the
     batch already (`mtp_loss_sums_from_hidden`); `final_norm` acts on
-    `[batch, seq, dim]` arrays."""
+    `[batch, seq, dim]` arrays.
+
+    With `sum_weights` (`[num_depths]`, the known cotangents of the depths' sums; the
+    fused loss on one device only) and `unembedding_grad` (a float32 `[vocab, dim]`
+    accumulator), returns `(loss_sums, token_counts, unembedding_grad)`: each depth
+    adds `sum_weights[k - 1] · ∂S_k/∂unembedding` into the accumulator in the forward
+    pass, and its sum is differentiable w.r.t. its hidden states only (see
+    `loss_sums_unchecked`)."""
     segment_ids, positions = _batched_row_defaults(tokens, segment_ids, positions)
+
+    def weighted_readout(k, normed, accumulated):
+        targets, valid = targets_of_depth(
+            tokens, k, documents=segment_ids, loss_mask=loss_mask
+        )
+        total, count, grad = rows_weighted_loss_sum(
+            normed,
+            unembedding,
+            targets,
+            valid,
+            sum_weights[k - 1],
+            chunk_size=loss_chunk_size,
+        )
+        # Not differentiated: the carry holds one accumulator, not one per depth.
+        return jax.lax.stop_gradient(accumulated + grad), (total, count)
+
+    if sum_weights is not None:
+        unembedding_grad, (loss_sums, token_counts) = _scan_depths(
+            depths,
+            hidden,
+            tokens,
+            embedding=embedding,
+            final_norm=final_norm,
+            readout=weighted_readout,
+            segment_ids=segment_ids,
+            positions=positions,
+            key=key,
+            readout_init=jax.lax.stop_gradient(unembedding_grad),
+        )
+        return loss_sums, token_counts, unembedding_grad
 
     def readout(k, normed):
         targets, valid = targets_of_depth(

@@ -203,6 +203,72 @@ def test_mtp_weight_scales_exactly():
     assert not tree_allclose(g3, g0, rtol=1e-3, atol=1e-4)
 
 
+# (num_depths, mtp_kind, tie_embeddings, reduction, mtp_weight, depth_weights)
+_GRADIENT_CASES = [
+    (0, "sequential", True, "mean", 0.1, None),
+    (0, "sequential", False, "pooled", 0.1, None),
+    (2, "sequential", True, "mean", 0.3, (1.0, 0.25)),
+    (2, "sequential", False, "pooled", 0.7, None),
+    (2, "parallel", True, "pooled", 0.3, (0.5, 1.0)),
+    (2, "parallel", False, "mean", 0.1, None),
+]
+
+
+@pytest.mark.parametrize(
+    "num_depths, mtp_kind, tie_embeddings, reduction, mtp_weight, depth_weights",
+    _GRADIENT_CASES,
+)
+def test_fused_gradient_equals_chunked_and_naive(
+    num_depths, mtp_kind, tie_embeddings, reduction, mtp_weight, depth_weights
+):
+    """The fused loss takes `mtp_loss`'s gradient from the sums' cotangents, known
+    from the counts, with one unembedding gradient accumulated in the forward pass
+    over the main head and every depth; the chunked and naive losses differentiate
+    the sums themselves."""
+    tokens, loss_mask = jnp.asarray(_tokens(6)), jnp.asarray(_loss_mask(6))
+    segment_ids = jnp.asarray(SEGMENT_IDS)
+
+    def loss_and_grads(loss_impl):
+        config = tiny_config(
+            vocab_size=VOCAB,
+            max_seq_len=MAX_SEQ_LEN,
+            num_depths=num_depths,
+            mtp_kind=mtp_kind,
+            mtp_block="linear",
+            tie_embeddings=tie_embeddings,
+            loss_impl=loss_impl,
+            loss_chunk_size=5,
+        )
+
+        def loss(m):
+            return eqx_mtp.mtp_loss(
+                m,
+                tokens,
+                segment_ids=segment_ids,
+                loss_mask=loss_mask,
+                mtp_weight=mtp_weight,
+                reduction=reduction,
+                depth_weights=depth_weights,
+            )
+
+        value_and_grad = eqx.filter_value_and_grad(loss, has_aux=True)
+        (value, aux), grads = jit_once(value_and_grad)(random_model(config, seed=6))
+        return value, aux["loss_sums"], grads
+
+    value, sums, grads = loss_and_grads("fused")
+    for reference in ("chunked", "naive"):
+        ref_value, ref_sums, ref_grads = loss_and_grads(reference)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        np.testing.assert_allclose(sums, ref_sums, rtol=1e-6)
+        # Leaves: the static configs differ in `loss_impl`.
+        assert tree_allclose(
+            jax.tree.leaves(grads), jax.tree.leaves(ref_grads), rtol=1e-5, atol=1e-7
+        ), reference
+    # The shared matrix gets the head's gradient (not only the lookups').
+    head = grads.trunk.embedding if tie_embeddings else grads.trunk.unembedding
+    assert float(jnp.max(jnp.abs(head))) > 1e-3
+
+
 @pytest.mark.parametrize("what", ["loss_mask", "segment_ids"])
 def test_fully_masked_batch_has_finite_loss_and_zero_gradients(what):
     if what == "loss_mask":

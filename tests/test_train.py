@@ -7,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import TINY_JOB, logged_losses, tiny_config, tree_allclose
 
@@ -99,6 +100,86 @@ def test_gradient_accumulation_equals_one_batch(getkey):
     loss, _, grads = accumulated_loss_and_grad(model, batch, mtp_weight=0.3)
     assert jnp.allclose(loss, expected_loss, rtol=1e-6)
     assert tree_allclose(grads, expected_grads, rtol=1e-5, atol=1e-7)
+
+
+def _recording_optimizer():
+    """Leaves the model as it is and keeps the last gradients as its state, so that
+    `train_step`'s gradients are read back exactly."""
+    return optax.GradientTransformation(
+        init=lambda params: jax.tree.map(jnp.zeros_like, params),
+        update=lambda grads, state, params=None: (
+            jax.tree.map(jnp.zeros_like, grads),
+            grads,
+        ),
+    )
+
+
+# (num_depths, mtp_kind, tie_embeddings, reduction)
+@pytest.mark.parametrize(
+    "num_depths, mtp_kind, tie_embeddings, reduction",
+    [
+        (0, "sequential", False, "mean"),
+        (2, "sequential", True, "pooled"),
+        (2, "parallel", False, "mean"),
+    ],
+)
+def test_train_step_gradient_equals_the_naive_and_chunked_losses(
+    num_depths, mtp_kind, tie_embeddings, reduction
+):
+    """`train_step` (fused loss: the unembedding gradient of every micro-batch and
+    depth accumulated in the forward pass, from coefficients of the global counts)
+    against `mtp_loss` on the whole batch with losses that differentiate the sums."""
+    rng = np.random.default_rng(num_depths)
+    tokens = jnp.asarray(rng.integers(0, 19, (8, 12)), jnp.int32)
+    # Micro-batches with unequal counts: padding, packed documents, a loss mask.
+    segment_ids = np.ones((8, 12), np.int32)
+    segment_ids[0, 4:] = 2
+    segment_ids[1, 9:] = 0
+    segment_ids[2, :] = 0
+    segment_ids[5, 1::3] = 3
+    loss_mask = rng.random((8, 12)) < 0.8
+    segment_ids, loss_mask = jnp.asarray(segment_ids), jnp.asarray(loss_mask)
+
+    def model(loss_impl):
+        config = tiny_config(
+            num_depths=num_depths,
+            mtp_kind=mtp_kind,
+            tie_embeddings=tie_embeddings,
+            loss_impl=loss_impl,
+            loss_chunk_size=5,
+        )
+        return eqx_mtp.MTPModel(config, key=jax.random.key(num_depths))
+
+    fused = model("fused")
+    optimizer = _recording_optimizer()
+    opt_state = optimizer.init(eqx.filter(fused, eqx.is_array))
+    batch = dict(
+        tokens=tokens.reshape(4, 2, 12),
+        segment_ids=segment_ids.reshape(4, 2, 12),
+        loss_mask=loss_mask.reshape(4, 2, 12),
+    )
+    _, grads, metrics = eqx_mtp.train_step(
+        optimizer, fused, opt_state, batch, 0.3, reduction=reduction
+    )
+    for reference in ("chunked", "naive"):
+
+        def whole_batch_loss(m):
+            return eqx_mtp.mtp_loss(
+                m,
+                tokens,
+                segment_ids=segment_ids,
+                loss_mask=loss_mask,
+                mtp_weight=0.3,
+                reduction=reduction,
+            )[0]
+
+        loss, expected = eqx.filter_jit(eqx.filter_value_and_grad(whole_batch_loss))(
+            model(reference)
+        )
+        np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+        assert tree_allclose(
+            jax.tree.leaves(grads), jax.tree.leaves(expected), rtol=1e-5, atol=1e-7
+        ), reference
 
 
 def test_damaged_latest_checkpoint_falls_back(corpus, tmp_path):

@@ -10,9 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
 
-from .._loss import Reduction, mtp_loss_sums, reduce_losses
+from .._loss import (
+    Reduction,
+    loss_coefficients,
+    mtp_loss_sums,
+    reduce_losses,
+    weighted_loss_sums,
+    weighted_path_applies,
+)
 from .._mesh import check_batch_fits_mesh
 from .._model import MTPModel
 from .._sharding import DEFAULT_RULES, ShardingRule, shard_tree
@@ -128,7 +135,7 @@ def make_optimizer(
 
 def accumulated_loss_and_grad(
     model: MTPModel,
-    batch: dict[str, Int[Array, "micro batch seq"]],
+    batch: dict[str, Int[Array, "micro batch seq"] | Bool[Array, "micro batch seq"]],
     *,
     mtp_weight: float | Float[Array, ""],
     reduction: Reduction = "mean",
@@ -151,7 +158,10 @@ def accumulated_loss_and_grad(
     - `mtp_weight`, `reduction`: as for [`eqx_mtp.reduce_losses`][].
     - `loss_sums_fn`: `(model, tokens, *, segment_ids, positions, loss_mask) ->
         (loss_sums, token_counts)`, by default [`eqx_mtp.mtp_loss_sums`][]; it also
-        gets `mesh=` when a mesh is given.
+        gets `mesh=` when a mesh is given. The default with the fused loss and no
+        mesh computes the same sums with the `c_k` known in its forward pass, so
+        the unembedding's gradient is accumulated there in one `[vocab, dim]` array
+        for the main head and all depths (see [`eqx_mtp.mtp_loss`][]).
     - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]: every micro-batch is laid
         out rows over `data` and sequence over `context` and its loss computed as
         [`eqx_mtp.mtp_loss_sums`][] does on a mesh. The counts are global before the
@@ -179,15 +189,28 @@ def accumulated_loss_and_grad(
         segment_ids=flat(segment_ids),
         loss_mask=flat(loss_mask),
     )
-    coefficients = jax.grad(
-        lambda sums: reduce_losses(
-            sums, token_counts, mtp_weight=mtp_weight, reduction=reduction
-        )[0]
-    )(jnp.zeros(num_depths + 1, jnp.float32))
+    coefficients = loss_coefficients(
+        token_counts, mtp_weight=mtp_weight, reduction=reduction
+    )
 
     mesh_kwargs = {} if mesh is None else dict(mesh=mesh)
+    # The library's own sums take the weighted path where it applies: the
+    # unembedding's gradient is accumulated in the forward pass, once for all depths.
+    weighted = loss_sums_fn is mtp_loss_sums and weighted_path_applies(
+        model.config, mesh
+    )
 
     def surrogate(m, micro):
+        if weighted:
+            total, sums, _ = weighted_loss_sums(
+                m,
+                micro["tokens"],
+                sum_weights=coefficients,
+                segment_ids=micro.get("segment_ids"),
+                positions=micro.get("positions"),
+                loss_mask=micro.get("loss_mask"),
+            )
+            return total, jax.lax.stop_gradient(sums)
         sums, _ = loss_sums_fn(
             m,
             micro["tokens"],
