@@ -123,6 +123,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("compile_time"),
     Benchmark("mtp_overhead"),
     Benchmark("ce_speed"),
+    Benchmark("mfu"),
     Benchmark("mesh", _mesh_arguments),
     Benchmark("decode", _decode_arguments),
 )
