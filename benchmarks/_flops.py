@@ -22,7 +22,9 @@ are not subtracted: which pairs a document mask hides depends on the data.
 **Hardware FLOPs** are what the compiled step does: model FLOPs plus
 
 - rematerialisation: under `remat="full"` every trunk block and every depth
-    (`eh_proj` and layer, not its loss) runs its forward again in the backward pass;
+    (`eh_proj` and layer, not its loss) runs its forward again in the backward pass,
+    all but a trunk block's last matmul (the MLP's down projection), whose output the
+    backward pass does not need (a depth's final norm, inside its checkpoint, does);
 - attention as computed: the blockwise kernel computes the tiles on the diagonal
     whole, `n(n+1)/2` tiles of `block²` pairs for `n = seq / block`, i.e.
     `T(T+block)/2` pairs, and its backward recomputes the scores (five tile matmuls
@@ -95,7 +97,7 @@ def forward_flops_per_token(config: eqx_mtp.ModelConfig, seq: int) -> dict:
 def parameter_count(config: eqx_mtp.ModelConfig) -> int:
     """Parameters of an `MTPModel` with this config (norm scales included)."""
     shapes = eqx.filter_eval_shape(eqx_mtp.MTPModel, config, key=jax.random.key(0))
-    leaves = jax.tree_util.tree_leaves(eqx.filter(shapes, eqx.is_array_like))
+    leaves = jax.tree_util.tree_leaves(shapes)
     return sum(math.prod(leaf.shape) for leaf in leaves if hasattr(leaf, "shape"))
 
 
@@ -120,6 +122,10 @@ def step_flops(config: eqx_mtp.ModelConfig, *, batch: int, seq: int) -> dict:
         depths=config.num_depths * (eh_proj + _layer_matmuls(config, block)),
     )
     layers = dict(trunk=config.num_layers, depths=config.num_depths)
+    # A trunk block's last matmul (the MLP's down projection) is not run again: the
+    # backward pass needs its input, not its output, and XLA drops the dead
+    # recompute. A depth's is: its final norm, inside the checkpoint, needs it.
+    not_recomputed = dict(trunk=config.num_layers * 2 * config.mlp_dim * dim, depths=0)
     model_pairs = attention_pairs(seq)
     hardware_pairs = computed_attention_pairs(config, seq)
 
@@ -137,10 +143,15 @@ def step_flops(config: eqx_mtp.ModelConfig, *, batch: int, seq: int) -> dict:
             attention_model = layers[part] * 4 * dim * model_pairs * batch
             attention_hardware = layers[part] * 4 * dim * hardware_pairs * batch
         model[part] = 3 * (projections[part] * tokens + attention_model)
-        hardware[part] = (3 + recompute) * projections[part] * tokens + (
-            1 + backward + recompute
-        ) * attention_hardware
-        remat_extra += recompute * (projections[part] * tokens + attention_hardware)
+        recomputed = recompute * (
+            (projections[part] - not_recomputed[part]) * tokens + attention_hardware
+        )
+        hardware[part] = (
+            3 * projections[part] * tokens
+            + (1 + backward) * attention_hardware
+            + recomputed
+        )
+        remat_extra += recomputed
         attention_extra += (1 + backward) * attention_hardware - 3 * attention_model
 
     # Every depth's loss and the main one: tokens padded to whole chunks.
