@@ -431,6 +431,13 @@ def main():
     parser.add_argument("--ce-tokens", type=int, default=8192)
     parser.add_argument("--ce-dim", type=int, default=256)
     parser.add_argument("--ce-vocabs", default="32768,131072")
+    parser.add_argument(
+        "--ce-repeats",
+        type=int,
+        default=3,
+        help="repeats of the cross-entropy programs (at V=131072 a naive call takes "
+        "tens of seconds here)",
+    )
     _common.add_run_flags(parser)
     args = parser.parse_args()
     _common.start(args)
@@ -444,6 +451,7 @@ def main():
     ]
     if args.quick:
         args.repeats, args.matmul, args.ce_tokens, args.ce_dim = 1, 1024, 512, 32
+        args.ce_repeats = 1
         ce_vocabs = [1024]
         cases = [
             Case("default", dataclasses.replace(config, max_seq_len=32), 2, 32, job),
@@ -536,7 +544,8 @@ def main():
         )
 
     ce_first, ce_times = time_interleaved(
-        ce_programs(args.ce_tokens, args.ce_dim, ce_vocabs, 256), args.repeats
+        ce_programs(args.ce_tokens, args.ce_dim, ce_vocabs, config.loss_chunk_size),
+        args.ce_repeats,
     )
     ce = []
     for vocab in ce_vocabs:
@@ -561,6 +570,8 @@ def main():
             matmul_size=args.matmul,
             ce_tokens=args.ce_tokens,
             ce_dim=args.ce_dim,
+            ce_repeats=args.ce_repeats,
+            ce_chunk=config.loss_chunk_size,
             mtp_weight=job.mtp_weight,
             optimizer="make_optimizer (AdamW, clipping)",
         ),
@@ -682,7 +693,8 @@ def doc_section(payload: dict, args) -> str:
         "",
         f"Fused cross-entropy against full logits, {payload['settings']['ce_tokens']} "
         f"tokens, dim {payload['settings']['ce_dim']}, loss + both gradients, "
-        "interleaved in this run:",
+        f"chunks of {payload['settings']['ce_chunk']} tokens (the default), "
+        f"{payload['settings']['ce_repeats']} repeats interleaved in this run:",
         "",
         _common.markdown_table(
             ["vocab", "naive s", "fused s", "fused / naive (per-repeat range)"],

@@ -147,9 +147,9 @@ def main():
         f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
         f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
         f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
-        "repeats after a warm-up. FLOP model: trunk projections, attention scores, "
-        "SwiGLU, main head, and per depth `eh_proj`, block and head; training = "
-        "3 × forward.",
+        "repeats after a warm-up. FLOP model (`benchmarks/_flops.py`, the one "
+        "`mfu.py` uses): trunk projections, causal attention, SwiGLU, main head, and "
+        "per depth `eh_proj`, block and head; training = 3 × forward.",
         "",
         _common.markdown_table(
             [

@@ -42,6 +42,16 @@ def _grad_hidden(g: Array, w: Array) -> Array:
     return jnp.matmul(g.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+def _grad_unembed_transposed(g: Array, h: Array) -> Array:
+    """`(g.T @ h).T = h.T @ g`, float32 accumulation: `[dim, chunk] x [chunk, vocab]`.
+
+    Contracting the left operand's last axis and the right one's first is the layout
+    XLA's CPU backend hands to its fast matmul kernels; `g.T @ h` contracts both
+    operands' first axis and ran as a slower generic dot (0.83× → 0.73× of the naive
+    loss + gradients' time at 8 192 tokens, dim 256, V = 32 768, in one run)."""
+    return jnp.matmul(h.T, g.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
 def _grad_unembed(g: Array, h: Array) -> Array:
     """`g.T @ h`, float32 accumulation: `[chunk, vocab] x [chunk, dim]`."""
     return jax.lax.dot_general(
@@ -292,11 +302,13 @@ def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
         g = jnp.where(columns == t[:, None], probs - 1.0, probs)
         g = jnp.where(valid[:, None], g, 0.0)
         grad_h = _grad_hidden(g, w).astype(hidden.dtype)
-        return (total, grad_w + _grad_unembed(g, h)), grad_h
+        # Accumulated as `[dim, vocab]`, transposed once at the end: see
+        # `_grad_unembed_transposed`.
+        return (total, grad_w + _grad_unembed_transposed(g, h)), grad_h
 
     init = (
         jnp.zeros((), jnp.float32),
-        jnp.zeros(w.shape, jnp.float32) if with_grads else None,
+        jnp.zeros(w.shape[::-1], jnp.float32) if with_grads else None,
     )
     (total, grad_w), grad_h = jax.lax.scan(
         body,
@@ -309,7 +321,7 @@ def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
     )
     if not with_grads:
         return total, None
-    return total, (_unchunked(grad_h, num_tokens), grad_w.astype(unembed.dtype))
+    return total, (_unchunked(grad_h, num_tokens), grad_w.T.astype(unembed.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
