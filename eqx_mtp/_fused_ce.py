@@ -45,11 +45,14 @@ def _grad_hidden(g: Array, w: Array) -> Array:
 def _grad_unembed_transposed(g: Array, h: Array) -> Array:
     """`(g.T @ h).T = h.T @ g`, float32 accumulation: `[dim, chunk] x [chunk, vocab]`.
 
-    Contracting the left operand's last axis and the right one's first is the layout
-    XLA's CPU backend hands to its fast matmul kernels; `g.T @ h` contracts both
-    operands' first axis and ran as a slower generic dot (0.83× → 0.73× of the naive
-    loss + gradients' time at 8 192 tokens, dim 256, V = 32 768, in one run)."""
-    return jnp.matmul(h.T, g.astype(h.dtype), preferred_element_type=jnp.float32)
+    `g.T @ h` contracts both operands' first axis, which XLA's CPU backend runs as a
+    slow generic dot; so does `h.T @ g` once XLA folds the transpose into the dot.
+    Transposing the small `[chunk, dim]` operand for real (the barrier keeps XLA from
+    folding it) gives the plain layout its fast matmul kernel takes. In one run on
+    this CPU (8 192 tokens, dim 256, V = 32 768, loss + both gradients against the
+    full-logits loss): 0.77× as `g.T @ h`, 0.74× as `h.T @ g`, 0.68× this way."""
+    h_t = jax.lax.optimization_barrier(h.T)
+    return jnp.matmul(h_t, g.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 def _grad_unembed(g: Array, h: Array) -> Array:
