@@ -124,6 +124,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("mtp_overhead"),
     Benchmark("naive_baseline"),
     Benchmark("ce_speed"),
+    Benchmark("mfu"),
     Benchmark("mesh", _mesh_arguments),
     Benchmark("decode", _decode_arguments),
 )

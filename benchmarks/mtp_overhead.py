@@ -5,15 +5,10 @@ optax AdamW update) per D; after a warm-up call per D, the steps are timed inter
 (D=0, 1, 2, 4, then again) and the median of the repeats is reported, since the machine
 is shared.
 
-FLOP model, per token, forward pass (training = 3 × forward: the backward pass does two
-matmuls per forward matmul, and the fused loss does exactly three):
-
-- trunk layer: q, k, v, o projections `2·dim·(2·dim + 2·kv_dim)`, attention scores and
-    weighted values over all `seq` keys as computed `4·seq·dim`, SwiGLU
-    `6·dim·mlp_dim`;
-- main head: `2·dim·vocab`;
-- each depth: `eh_proj` `2·(2·dim)·dim`, its block (a trunk layer) and the head
-    `2·dim·vocab`.
+FLOP model: `_flops.forward_flops_per_token`, the model FLOPs `mfu.py` counts too
+(trunk projections, causal attention, SwiGLU, main head, and per depth `eh_proj`,
+block and head); training = 3 × forward (the backward pass does two matmuls per
+forward matmul, and the fused loss does exactly three).
 
 `--quick`: 2 × 64 tokens, one trunk layer of width 64, vocabulary 1024, D = 0 and 1,
 one repeat.
@@ -27,25 +22,9 @@ import _common
 import equinox as eqx
 import jax
 import optax
+from _flops import forward_flops_per_token
 
 import eqx_mtp
-
-
-def forward_flops_per_token(config: eqx_mtp.ModelConfig, seq: int) -> dict:
-    dim, kv_dim = config.dim, config.num_kv_heads * config.head_dim
-    layer = (
-        2 * dim * (2 * dim + 2 * kv_dim)  # q, k, v, o projections
-        + 4 * seq * dim  # scores and weighted values
-        + 6 * dim * config.mlp_dim  # SwiGLU
-    )
-    head = 2 * dim * config.vocab_size
-    depth = 2 * (2 * dim) * dim + layer + head
-    return dict(
-        trunk=config.num_layers * layer,
-        main_head=head,
-        depths=config.num_depths * depth,
-        total=config.num_layers * layer + head + config.num_depths * depth,
-    )
 
 
 def make_step(config: eqx_mtp.ModelConfig, mtp_weight: float):
@@ -168,9 +147,9 @@ def main():
         f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
         f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
         f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
-        "repeats after a warm-up. FLOP model: trunk projections, attention scores, "
-        "SwiGLU, main head, and per depth `eh_proj`, block and head; training = "
-        "3 × forward.",
+        "repeats after a warm-up. FLOP model (`benchmarks/_flops.py`, the one "
+        "`mfu.py` uses): trunk projections, causal attention, SwiGLU, main head, and "
+        "per depth `eh_proj`, block and head; training = 3 × forward.",
         "",
         _common.markdown_table(
             [

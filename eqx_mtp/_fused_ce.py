@@ -48,6 +48,19 @@ def _grad_hidden(g: Array, w: Array) -> Array:
     return jnp.matmul(g.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+def _grad_unembed_transposed(g: Array, h: Array) -> Array:
+    """`(g.T @ h).T = h.T @ g`, float32 accumulation: `[dim, chunk] x [chunk, vocab]`.
+
+    `g.T @ h` contracts both operands' first axis, which XLA's CPU backend runs as a
+    slow generic dot; so does `h.T @ g` once XLA folds the transpose into the dot.
+    Transposing the small `[chunk, dim]` operand for real (the barrier keeps XLA from
+    folding it) gives the plain layout its fast matmul kernel takes. In one run on
+    this CPU (8 192 tokens, dim 256, V = 32 768, loss + both gradients against the
+    full-logits loss): 0.77× as `g.T @ h`, 0.74× as `h.T @ g`, 0.68× this way."""
+    h_t = jax.lax.optimization_barrier(h.T)
+    return jnp.matmul(h_t, g.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
 def _grad_unembed(g: Array, h: Array) -> Array:
     """`g.T @ h`, float32 accumulation: `[chunk, vocab] x [chunk, dim]`."""
     return jax.lax.dot_general(
@@ -274,8 +287,8 @@ def token_losses_unchecked(
 
 
 def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
-    """The masked loss sum and, when `with_grads`, its gradients w.r.t. `hidden` and
-    `unembed` (in their dtypes) for a unit cotangent."""
+    """The masked loss sum and, when `with_grads`, its gradients for a unit cotangent:
+    w.r.t. `hidden` in its dtype, w.r.t. `unembed` in float32."""
     num_tokens = hidden.shape[0]
     dtype = _common_dtype(hidden, unembed)
     h_all = hidden.astype(dtype)
@@ -298,11 +311,13 @@ def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
         g = jnp.where(columns == t[:, None], probs - 1.0, probs)
         g = jnp.where(valid[:, None], g, 0.0)
         grad_h = _grad_hidden(g, w).astype(hidden.dtype)
-        return (total, grad_w + _grad_unembed(g, h)), grad_h
+        # Accumulated as `[dim, vocab]`, transposed once at the end: see
+        # `_grad_unembed_transposed`.
+        return (total, grad_w + _grad_unembed_transposed(g, h)), grad_h
 
     init = (
         jnp.zeros((), jnp.float32),
-        jnp.zeros(w.shape, jnp.float32) if with_grads else None,
+        jnp.zeros(w.shape[::-1], jnp.float32) if with_grads else None,
     )
     (total, grad_w), grad_h = jax.lax.scan(
         body,
@@ -316,7 +331,7 @@ def _loss_sum_impl(hidden, unembed, targets, where, chunk, with_grads):
     if not with_grads:
         return total, None
     # `grad_w` stays float32: `_loss_sum_fwd` casts it, the weighted sum accumulates it.
-    return total, (_unchunked(grad_h, num_tokens), grad_w)
+    return total, (_unchunked(grad_h, num_tokens), grad_w.T)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
