@@ -393,7 +393,8 @@ def loss_sums_unchecked(
     targets, valid = targets_of_depth(
         tokens, 0, documents=number_documents(segment_ids), loss_mask=loss_mask
     )
-    if sum_weights is not None:
+    weighted = sum_weights is not None
+    if weighted:
         sum_weights = jax.lax.stop_gradient(sum_weights)
         main_sum, main_count, unembedding_grad = rows_weighted_loss_sum(
             final_norm(hidden),
@@ -403,59 +404,47 @@ def loss_sums_unchecked(
             sum_weights[0],
             chunk_size=loss_chunk_size,
         )
-        loss_sums, token_counts = main_sum[None], main_count[None]
-        if depths is not None:
-            depth_sums, depth_counts, unembedding_grad = depth_losses_unchecked(
-                depths,
-                hidden,
-                tokens,
-                embedding=embedding,
-                unembedding=unembedding,
-                final_norm=final_norm,
-                segment_ids=segment_ids,
-                positions=positions,
-                loss_mask=loss_mask,
-                loss_chunk_size=loss_chunk_size,
-                loss_impl=loss_impl,
-                key=key,
-                sum_weights=sum_weights[1:],
-                unembedding_grad=unembedding_grad,
-            )
-            loss_sums = jnp.concatenate([loss_sums, depth_sums])
-            token_counts = jnp.concatenate([token_counts, depth_counts])
-        weighted = jnp.dot(sum_weights, loss_sums) + inject_gradient(
-            unembedding, unembedding_grad
+        depth_options = dict(sum_weights=sum_weights[1:])
+    else:
+        main_sum, main_count = rows_head_loss_sum(
+            final_norm(hidden),
+            unembedding,
+            targets,
+            valid,
+            mesh=mesh,
+            chunk_size=loss_chunk_size,
+            impl=loss_impl,
         )
-        return weighted, loss_sums, token_counts
-    main_sum, main_count = rows_head_loss_sum(
-        final_norm(hidden),
-        unembedding,
-        targets,
-        valid,
-        mesh=mesh,
-        chunk_size=loss_chunk_size,
-        impl=loss_impl,
+        depth_options = dict(mesh=mesh)
+    loss_sums, token_counts = main_sum[None], main_count[None]
+    if depths is not None:
+        if weighted:
+            depth_options["unembedding_grad"] = unembedding_grad
+        depth_sums, depth_counts, *accumulated = depth_losses_unchecked(
+            depths,
+            hidden,
+            tokens,
+            embedding=embedding,
+            unembedding=unembedding,
+            final_norm=final_norm,
+            segment_ids=segment_ids,
+            positions=positions,
+            loss_mask=loss_mask,
+            loss_chunk_size=loss_chunk_size,
+            loss_impl=loss_impl,
+            key=key,
+            **depth_options,
+        )
+        if weighted:
+            (unembedding_grad,) = accumulated
+        loss_sums = jnp.concatenate([loss_sums, depth_sums])
+        token_counts = jnp.concatenate([token_counts, depth_counts])
+    if not weighted:
+        return loss_sums, token_counts
+    total = jnp.dot(sum_weights, loss_sums) + inject_gradient(
+        unembedding, unembedding_grad
     )
-    if depths is None:
-        return main_sum[None], main_count[None]
-    depth_sums, depth_counts = depth_losses_unchecked(
-        depths,
-        hidden,
-        tokens,
-        embedding=embedding,
-        unembedding=unembedding,
-        final_norm=final_norm,
-        segment_ids=segment_ids,
-        positions=positions,
-        loss_mask=loss_mask,
-        loss_chunk_size=loss_chunk_size,
-        loss_impl=loss_impl,
-        mesh=mesh,
-        key=key,
-    )
-    loss_sums = jnp.concatenate([main_sum[None], depth_sums])
-    token_counts = jnp.concatenate([main_count[None], depth_counts])
-    return loss_sums, token_counts
+    return total, loss_sums, token_counts
 
 
 def _constrain(arrays, sharding):
