@@ -36,7 +36,7 @@ _MASKED = -1e30  # a large negative logit rather than -inf: no NaN in any gradie
 
 
 def _layers_of(stacked, index: int) -> dict:
-    """The arrays of block `index` of a stacked `eqx_mtp.TransformerBlock`, by the
+    """The arrays of block `index` of a stacked `eqx_mtp.nn.TransformerBlock`, by the
     names Hugging Face Llama checkpoints use. Linear weights are `[out, in]`."""
     attention, mlp = stacked.attention, stacked.mlp
     return dict(

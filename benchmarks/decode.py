@@ -50,12 +50,12 @@ TARGETS = {"default": 1.6, "deep": 2.0}
 def _prompts(config: dict, count: int, prompt_len: int) -> np.ndarray:
     """`[count, prompt_len]` prompts from the run's held-out documents."""
     train = config["train"]
-    documents = eqx_mtp.load_documents(train["data"])
-    _, held_out = eqx_mtp.split_documents(
+    documents = eqx_mtp.train.load_documents(train["data"])
+    _, held_out = eqx_mtp.train.split_documents(
         documents, eval_fraction=train["eval_fraction"], seed=train["seed"]
     )
     rows = [
-        eqx_mtp.encode_document(doc)[:prompt_len]
+        eqx_mtp.train.encode_document(doc)[:prompt_len]
         for doc in held_out
         if len(doc) >= prompt_len
     ]
@@ -113,7 +113,7 @@ def _round_parts(model, batch: int, size: int, repeats: int) -> dict:
 
 
 def measure(name: str, run: str, args) -> dict:
-    model, config = eqx_mtp.load_checkpoint(run)
+    model, config = eqx_mtp.train.load_checkpoint(run)
     model_config = model.config
     max_new = model_config.max_seq_len - args.prompt_len
     records = []

@@ -9,9 +9,10 @@ and lays each mesh over every device JAX sees, every process's in a multi-proces
 (what `python -m benchmarks --mesh ...` asks for). For every mesh `(data, model,
 context)` of `--meshes`, and for `(1, 1, 1)` on one device as the baseline, it places
 a model and its AdamW state by `eqx_mtp.DEFAULT_RULES`, lowers and compiles one
-`eqx_mtp.train_step` (nothing runs), and reads from the optimised HLO the bytes every
-collective moves per device per training step, next to [`collective_terms`][]'s
-formula from the model's shape and the mesh. `--pod` prints only the formula at pod
+`eqx_mtp.train.train_step` (nothing runs), and reads from the optimised HLO the
+bytes every collective moves per device per training step, next to
+[`collective_terms`][]'s formula from the model's shape and the mesh. `--pod` prints
+only the formula at pod
 scale (a Llama-2-7B trunk on 256 chips, one DeepSeek-V3-sized MTP depth); nothing is
 compiled. `--quick`: one layer of width 64, vocabulary 1024, 8 rows of 32 tokens, on
 the mesh (2, 2, 2) (or those of `--meshes`).
@@ -137,7 +138,7 @@ def collective_terms(
     gradient_collective: str = "all-reduce",
     context_attention: str = "kv_gather",
 ) -> list[dict]:
-    """The collectives of one `eqx_mtp.train_step` of a Llama-style trunk with
+    """The collectives of one `eqx_mtp.train.train_step` of a Llama-style trunk with
     `num_depths` sequential transformer MTP depths (tied embeddings, `loss_impl=
     "fused"`), laid out by `eqx_mtp.DEFAULT_RULES` on a `(data, model, context)` mesh:
     bytes per device per step, term by term, in the conventions of this module's
@@ -733,7 +734,7 @@ def measure(args, config, mesh_shape, devices) -> dict:
     start = time.perf_counter()
     host_model = eqx_mtp.MTPModel(config, key=jax.random.key(0))
     placed = eqx_mtp.shard_tree(host_model, mesh)
-    optimizer = eqx_mtp.make_optimizer(
+    optimizer = eqx_mtp.train.make_optimizer(
         placed, learning_rate=1e-3, total_steps=100, warmup_steps=10
     )
     params = eqx.filter(placed, eqx.is_array)

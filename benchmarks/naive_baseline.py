@@ -3,8 +3,8 @@
 
 `python benchmarks/naive_baseline.py [--quick] [--depths 1,2,4,8] [--repeats 7]`.
 
-**Ours** is the step `eqx-mtp train` runs: `eqx_mtp.train_step` with
-`eqx_mtp.make_optimizer` (AdamW, warm-up + cosine, clipping, masked weight decay),
+**Ours** is the step `eqx-mtp train` runs: `eqx_mtp.train.train_step` with
+`eqx_mtp.train.make_optimizer` (AdamW, warm-up + cosine, clipping, masked weight decay),
 on the `ModelConfig` that `eqx-mtp train` builds with its default flags except
 `--num-depths D` (byte vocabulary 259, dim 192, 4 layers, 4 query / 2 key-value
 heads, mlp 512, sequential transformer depths; the defaults: fused loss, blockwise
@@ -103,7 +103,7 @@ def _lower_and_compile(jitted, *args) -> dict:
 
 def make_optimizer(train: TrainConfig, model) -> optax.GradientTransformation:
     """The optimizer `eqx-mtp train` builds from `train`."""
-    return eqx_mtp.make_optimizer(
+    return eqx_mtp.train.make_optimizer(
         model,
         learning_rate=train.learning_rate,
         total_steps=train.steps,

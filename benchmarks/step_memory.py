@@ -33,7 +33,7 @@ the fastest policy's; the report says whether `ModelConfig`'s default agrees.
 of naive's at `--batch × --seq`; at `--long-seq` within 1.2× of that (linear in
 the row length); step time ≤ 1.2× naive's.
 
-**Attention alone**: one row, `eqx_mtp.blockwise_attention` against the
+**Attention alone**: one row, `eqx_mtp.nn.blockwise_attention` against the
 materialised reference (`eqx_mtp._transformer.grouped_attention` with
 `attention_mask`), forward + backward (`jax.vjp`, gradient w.r.t. queries, keys
 and values), at each of `--attention-seqs`: compiled temp memory and time (warm-up,
@@ -185,7 +185,7 @@ def _attention_fns(block_size: int) -> dict:
         return grouped_attention(q, k, v, mask)
 
     def blockwise(q, k, v, segment_ids):
-        return eqx_mtp.blockwise_attention(
+        return eqx_mtp.nn.blockwise_attention(
             q,
             k,
             v,

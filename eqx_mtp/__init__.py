@@ -1,6 +1,14 @@
-"""Multi-Token Prediction for Equinox/JAX language models."""
+"""Multi-Token Prediction for Equinox/JAX language models.
 
-from ._blockwise import blockwise_attention as blockwise_attention
+The objective, the model and its depths, decoding and the mesh helpers live here;
+building blocks in `eqx_mtp.nn`, other projects' checkpoint formats in
+`eqx_mtp.interop`, and the training application in `eqx_mtp.train` (imported on
+demand: `import eqx_mtp` loads no orbax, grain, tqdm or matplotlib).
+"""
+
+import importlib.metadata
+
+from . import interop as interop, nn as nn
 from ._config import ModelConfig as ModelConfig
 from ._cross_entropy import head_loss_sum as head_loss_sum
 from ._decode import (
@@ -10,24 +18,12 @@ from ._decode import (
 )
 from ._documents import document_ids as document_ids
 from ._fused_ce import fused_cross_entropy as fused_cross_entropy
-from ._llama_weights import (
-    WeightsError as WeightsError,
-    hf_config as hf_config,
-    load_llama as load_llama,
-    model_config_from_hf as model_config_from_hf,
-    model_tensors as model_tensors,
-    save_llama as save_llama,
-)
 from ._loss import (
     mtp_loss as mtp_loss,
     mtp_loss_sums as mtp_loss_sums,
     mtp_loss_sums_from_hidden as mtp_loss_sums_from_hidden,
     reduce_losses as reduce_losses,
     resolve_mtp_weight as resolve_mtp_weight,
-)
-from ._maxtext import (
-    load_maxtext_mtp as load_maxtext_mtp,
-    maxtext_loss_mask as maxtext_loss_mask,
 )
 from ._mesh import (
     MESH_AXES as MESH_AXES,
@@ -37,8 +33,6 @@ from ._mesh import (
 )
 from ._model import MTPModel as MTPModel
 from ._mtp import (
-    LinearBlock as LinearBlock,
-    MLPBlock as MLPBlock,
     MTPDepth as MTPDepth,
     MTPDepths as MTPDepths,
     mtp_depth_losses as mtp_depth_losses,
@@ -57,41 +51,20 @@ from ._targets import (
     segment_positions as segment_positions,
     valid_token_counts as valid_token_counts,
 )
-from ._transformer import (
-    Attention as Attention,
-    RMSNorm as RMSNorm,
-    SwiGLU as SwiGLU,
-    Transformer as Transformer,
-    TransformerBlock as TransformerBlock,
-)
 from ._vocab_parallel import vocab_parallel_loss_sum as vocab_parallel_loss_sum
-from .train import TrainConfig as TrainConfig
-from .train._checkpoint import (
-    Checkpointer as Checkpointer,
-    CheckpointError as CheckpointError,
-    load_checkpoint as load_checkpoint,
-)
-from .train._data import (
-    BOS_ID as BOS_ID,
-    BYTE_VOCAB_SIZE as BYTE_VOCAB_SIZE,
-    EOS_ID as EOS_ID,
-    PAD_ID as PAD_ID,
-    DataError as DataError,
-    TokenIds as TokenIds,
-    TrainBatches as TrainBatches,
-    decode as decode,
-    encode_document as encode_document,
-    eval_batches as eval_batches,
-    load_documents as load_documents,
-    pack_documents as pack_documents,
-    split_documents as split_documents,
-)
-from .train._eval import evaluate as evaluate
-from .train._train_step import (
-    accumulated_loss_and_grad as accumulated_loss_and_grad,
-    make_optimizer as make_optimizer,
-    train_step as train_step,
-    weight_decay_mask as weight_decay_mask,
-)
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("eqx_mtp")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree
+    __version__ = "0+unknown"
+
+
+def __getattr__(name: str):
+    # The training application is a subpackage the library never imports: loaded
+    # when first named (`eqx_mtp.train`), so research code does not pay for orbax,
+    # grain, tqdm and matplotlib.
+    if name == "train":
+        import importlib
+
+        return importlib.import_module(".train", __name__)
+    raise AttributeError(f"module 'eqx_mtp' has no attribute {name!r}")

@@ -123,7 +123,7 @@ def check_mask(fn: str | None, name: str, value) -> None:
     if value.dtype != jnp.bool_:
         maxtext = (
             "; a MaxText decoder_target_mask is also target-indexed: convert it "
-            "with eqx_mtp.maxtext_loss_mask"
+            "with eqx_mtp.interop.maxtext_loss_mask"
             if name == "loss_mask"
             else ""
         )
@@ -225,7 +225,7 @@ def check_final_norm(
     convention that modules act on one example) comes back `jax.vmap`ped over the
     leading axes; otherwise one that maps a `[batch, seq, dim]` array to one of the
     same shape comes back as it is. A norm over the last axis (such as
-    `eqx_mtp.RMSNorm`) gives the same result either way. Decided on abstract
+    `eqx_mtp.nn.RMSNorm`) gives the same result either way. Decided on abstract
     values (`jax.eval_shape`): nothing runs."""
     if not callable(final_norm):
         raise TypeError(

@@ -60,7 +60,7 @@ class ModelConfig:
         `"fused"` (gradients accumulated in the forward pass), `"chunked"` (logits
         recomputed in the backward pass) or `"naive"` (full logits).
     - `attention_impl`: `"reference"` (the materialised `[heads, seq, seq]`
-        softmax), `"blockwise"` ([`eqx_mtp.blockwise_attention`][]: tiles of
+        softmax), `"blockwise"` ([`eqx_mtp.nn.blockwise_attention`][]: tiles of
         `attention_block_size`, memory linear in the row length, the same values),
         a fused kernel shipped with JAX — `"pallas_gpu"` (Pallas GPU attention) or
         `"splash_tpu"` (splash attention), both with segment ids, on one device of

@@ -57,7 +57,7 @@ def head_loss_sum(
     - `impl`: `"fused"` (the default) accumulates both matmul gradients in the forward
         pass and scales them by the cotangent in the backward: three matmuls, with
         gradient-sized residuals (`[tokens, dim]` and `[vocab, dim]`; in
-        [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train_step`][] one `[vocab, dim]` for
+        [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train.train_step`][] one `[vocab, dim]` for
         the main head and all depths together). `"chunked"` sums
         [`eqx_mtp.fused_cross_entropy`][]: four matmuls (the backward recomputes the
         logits), one float per token of residuals. `"naive"` materialises the full

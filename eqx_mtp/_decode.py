@@ -551,7 +551,8 @@ def generate(
 
     **Arguments:**
 
-    - `model`: an [`eqx_mtp.MTPModel`][] (e.g. from [`eqx_mtp.load_checkpoint`][]).
+    - `model`: an [`eqx_mtp.MTPModel`][] (e.g. from
+        [`eqx_mtp.train.load_checkpoint`][]).
     - `prompt_tokens`: `[batch, prompt]` token ids, left-aligned, or a list of token
         lists of different lengths. Each prompt is one document.
     - `max_new_tokens`: tokens to generate per prompt, `>= 1`; with the longest

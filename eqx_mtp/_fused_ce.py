@@ -377,7 +377,8 @@ def fused_loss_sum(
     that `where` is required and the vocabulary is never split.
 
     Each call keeps its own `[vocab, dim]` residual, since its cotangent is known only
-    in the backward pass. [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train_step`][] know the
+    in the backward pass. [`eqx_mtp.mtp_loss`][] and [`eqx_mtp.train.train_step`][]
+    know the
     cotangents of their per-depth sums before the forward pass and keep one such
     array for the main head and all depths together.
     """

@@ -328,7 +328,7 @@ def load_llama(
         `model.safetensors.index.json`.
     - `key`: PRNG key for the new depths; needed only when some depth is new.
     - `overrides`: [`eqx_mtp.ModelConfig`][] fields, e.g. `num_depths=2`,
-        `train_depths_only=True`; see [`eqx_mtp.model_config_from_hf`][].
+        `train_depths_only=True`; see [`eqx_mtp.interop.model_config_from_hf`][].
 
     **Returns:**
 
@@ -444,7 +444,7 @@ def save_llama(
     max_shard_bytes: int | None = None,
 ) -> None:
     """Write `model` as a Hugging Face Llama checkpoint, its depths under DeepSeek-V3's
-    names; [`eqx_mtp.load_llama`][] reads it back bit for bit.
+    names; [`eqx_mtp.interop.load_llama`][] reads it back bit for bit.
 
     **Arguments:**
 

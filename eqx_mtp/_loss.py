@@ -278,7 +278,7 @@ def mtp_loss_sums_from_hidden(
     - `final_norm`: the trunk's final norm: a per-vector norm such as
         `eqx.nn.RMSNorm(dim)` or `eqx.nn.LayerNorm(dim)` (`[dim] -> [dim]`, applied
         with `jax.vmap` over batch and sequence), or a norm over the last axis of
-        `[batch, seq, dim]` arrays such as [`eqx_mtp.RMSNorm`][].
+        `[batch, seq, dim]` arrays such as [`eqx_mtp.nn.RMSNorm`][].
     - `depths`: the [`eqx_mtp.MTPDepths`][] (their blocks called as
         `block(x [seq, dim], *, positions, segment_ids)`), or `None` for the plain
         next-token objective.

@@ -75,7 +75,7 @@ class MTPModel(eqx.Module):
         segment_ids: Int[Array, " seq"],
     ) -> Float[Array, "seq dim"]:
         """The trunk's last hidden states `h⁰` of one row, before the final norm, in
-        `config.compute_dtype`. `segment_ids` as for [`eqx_mtp.Transformer`][]: a
+        `config.compute_dtype`. `segment_ids` as for [`eqx_mtp.nn.Transformer`][]: a
         document is a maximal run of one non-zero id."""
         trunk = in_compute_dtype(self.trunk, self.config.compute_dtype)
         return trunk(tokens, positions=positions, segment_ids=segment_ids)

@@ -162,7 +162,7 @@ class MTPDepths(eqx.Module):
     - `dim`: width of the hidden states.
     - `make_layer`: `key -> module`, the block each depth runs; any Equinox module
         with the call signature `block(x [seq, dim], *, positions, segment_ids,
-        key=None)` on one example (see [`eqx_mtp.TransformerBlock`][]). The `key` is
+        key=None)` on one example (see [`eqx_mtp.nn.TransformerBlock`][]). The `key` is
         optional: a block without that parameter runs wherever no key is given.
     - `kind`: `"sequential"` (DeepSeek-V3) or `"parallel"` (Gloeckle et al.).
     - `shared_layer`: one layer, built once, reused at every depth.
@@ -330,7 +330,7 @@ def scan_depths(
         per-vector norm such as `eqx.nn.RMSNorm(dim)` or `eqx.nn.LayerNorm(dim)`
         (`[dim] -> [dim]`, applied with `jax.vmap` over batch and sequence), or a norm
         over the last axis of `[batch, seq, dim]` arrays such as
-        [`eqx_mtp.RMSNorm`][].
+        [`eqx_mtp.nn.RMSNorm`][].
     - `readout`: `(depth, normed_hidden) -> pytree of arrays`.
     - `segment_ids`, `positions`: as for the trunk; derived when absent. A document
         is a maximal run of one non-zero id; the blocks get the runs numbered by

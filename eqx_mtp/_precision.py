@@ -20,8 +20,8 @@ def _is_norm(node) -> bool:
 
 def in_compute_dtype(tree, dtype):
     """`tree` with every floating-point array leaf cast to `dtype`, except those of
-    norms ([`eqx_mtp.RMSNorm`][], `eqx.nn.RMSNorm`, `eqx.nn.LayerNorm`), which stay as
-    they are and compute in float32 internally. Other leaves are unchanged.
+    norms ([`eqx_mtp.nn.RMSNorm`][], `eqx.nn.RMSNorm`, `eqx.nn.LayerNorm`), which stay
+    as they are and compute in float32 internally. Other leaves are unchanged.
 
     Cast once at the top of a step, the matmuls and activations that use these
     parameters run in `dtype`; the cast's derivative brings the gradients back to the

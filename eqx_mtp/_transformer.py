@@ -240,7 +240,8 @@ class Transformer(eqx.Module):
     tied or untied unembedding.
 
     Calling it returns the last block's output **before** the final norm (`h⁰`), which
-    is what the MTP depths consume; [`eqx_mtp.Transformer.logits`][] applies the head.
+    is what the MTP depths consume; [`eqx_mtp.nn.Transformer.logits`][] applies the
+    head.
     """
 
     embedding: Float[Array, "vocab dim"]

@@ -351,7 +351,7 @@ def _norm_inputs():
     depths = eqx_mtp.MTPDepths(
         2,
         DIM,
-        make_layer=lambda key: eqx_mtp.LinearBlock(DIM, key=key),
+        make_layer=lambda key: eqx_mtp.nn.LinearBlock(DIM, key=key),
         key=jax.random.key(5),
     )
     return dict(

@@ -67,7 +67,7 @@ def test_blockwise_equals_naive_attention(data, seq_len, heads, block_q, block_k
     segments = jnp.asarray(segments)
 
     def blockwise(q, k, v):
-        return eqx_mtp.blockwise_attention(
+        return eqx_mtp.nn.blockwise_attention(
             q,
             k,
             v,
@@ -97,7 +97,7 @@ def test_keys_and_values_from_elsewhere():
     visible = visible_reference(segments, segments, index, index)
 
     def blockwise(q_part, k, v):
-        return eqx_mtp.blockwise_attention(
+        return eqx_mtp.nn.blockwise_attention(
             q_part,
             k,
             v,
@@ -131,7 +131,7 @@ def test_bfloat16_inputs():
     visible = visible_reference(segments, segments, index, index)
 
     def blockwise(q, k, v):
-        return eqx_mtp.blockwise_attention(
+        return eqx_mtp.nn.blockwise_attention(
             q,
             k,
             v,
@@ -187,11 +187,11 @@ def test_bad_attention_input():
     kv = jnp.zeros((4, 2, 8))
     segments = jnp.ones(4, jnp.int32)
     with pytest.raises(ValueError, match="kv_heads=2 must divide heads=3"):
-        eqx_mtp.blockwise_attention(
+        eqx_mtp.nn.blockwise_attention(
             q, kv, kv, query_segment_ids=segments, key_segment_ids=segments
         )
     with pytest.raises(ValueError, match="block_q"):
-        eqx_mtp.blockwise_attention(
+        eqx_mtp.nn.blockwise_attention(
             q[:, :2],
             kv,
             kv,

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 
 import eqx_mtp
-from eqx_mtp import (
+from eqx_mtp.train import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
     DataError,
     TrainBatches,
-    decode,
+    decode_bytes,
     encode_document,
     eval_batches,
     load_documents,
@@ -103,13 +103,13 @@ def test_encode_decode_round_trip(text):
     raw = text.encode("utf-8")
     assert ids.dtype == np.int32
     assert ids.tolist() == [BOS_ID, *raw, EOS_ID]
-    assert decode(ids) == text
+    assert decode_bytes(ids) == text
 
 
 def test_decode_drops_specials_and_replaces_invalid_utf8():
     ids = [BOS_ID, ord("a"), PAD_ID, 0xFF, EOS_ID, ord("b"), 300]
-    assert decode(np.array(ids)) == "a\ufffdb"
-    assert eqx_mtp.BYTE_VOCAB_SIZE == 259
+    assert decode_bytes(np.array(ids)) == "a\ufffdb"
+    assert eqx_mtp.train.BYTE_VOCAB_SIZE == 259
 
 
 # Packing

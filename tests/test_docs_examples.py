@@ -132,13 +132,13 @@ def _readme(request) -> dict:
 def _index(request) -> dict:
     # "MTP on your own trunk": a researcher's block, trunk (an embedding lookup),
     # matrices and per-vector norm, for the quick start's `tokens` ([8, 128], bytes).
-    dim, vocab = 16, eqx_mtp.BYTE_VOCAB_SIZE
+    dim, vocab = 16, eqx_mtp.train.BYTE_VOCAB_SIZE
     keys = jax.random.split(jax.random.key(0), 3)
     my_embedding = jax.random.normal(keys[0], (vocab, dim))
     return dict(
         dim=dim,
         key=keys[1],
-        MyBlock=lambda *, key: eqx_mtp.MLPBlock(dim, 32, key=key),
+        MyBlock=lambda *, key: eqx_mtp.nn.MLPBlock(dim, 32, key=key),
         my_trunk=lambda row: my_embedding[row],
         my_embedding=my_embedding,
         my_unembedding=jax.random.normal(keys[2], (vocab, dim)),
@@ -157,7 +157,7 @@ def _distributed(request) -> dict:
         tokens=tokens[0],
         segment_ids=segment_ids[0],
         batch=dict(tokens=tokens, segment_ids=segment_ids),
-        optimizer=eqx_mtp.make_optimizer(
+        optimizer=eqx_mtp.train.make_optimizer(
             model, learning_rate=1e-3, total_steps=10, warmup_steps=2
         ),
         mtp_weight=eqx_mtp.resolve_mtp_weight(0.3),

@@ -140,7 +140,7 @@ def test_default_state_structure_is_unchanged(getkey):
         optax.adamw(
             optax.constant_schedule(1e-3),
             weight_decay=0.1,
-            mask=eqx_mtp.weight_decay_mask(model),
+            mask=eqx_mtp.train.weight_decay_mask(model),
         ),
     ).init(eqx.filter(model, eqx.is_array))
     assert jax.tree.structure(state) == jax.tree.structure(reference)

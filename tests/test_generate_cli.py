@@ -28,12 +28,12 @@ def test_generate_prints_the_greedy_text_then_statistics(run, capsys):
     assert main([*args, "--no-speculative"]) == 0
     plain = capsys.readouterr().out.rstrip("\n").rsplit("\n", 3)
 
-    model, _ = eqx_mtp.load_checkpoint(run)
-    prompt = eqx_mtp.encode_document("def ")[:-1]
+    model, _ = eqx_mtp.train.load_checkpoint(run)
+    prompt = eqx_mtp.train.encode_document("def ")[:-1]
     out = eqx_mtp.generate(model, prompt[None], max_new_tokens=9, speculative=False)
     tokens = np.asarray(out.tokens)[0]
-    ends = np.flatnonzero(tokens == eqx_mtp.EOS_ID)
-    expected = eqx_mtp.decode(tokens[: ends[0]] if ends.size else tokens)
+    ends = np.flatnonzero(tokens == eqx_mtp.train.EOS_ID)
+    expected = eqx_mtp.train.decode_bytes(tokens[: ends[0]] if ends.size else tokens)
     assert speculative[0] == expected
     assert plain[0] == expected
     assert speculative[-4] == "decoding: speculative, 9 new tokens"

@@ -266,14 +266,14 @@ def test_parallel_heads_read_the_trunk_output_and_nothing_else(kind, getkey):
     depths = eqx_mtp.MTPDepths(
         num_depths,
         dim,
-        make_layer=lambda k: eqx_mtp.MLPBlock(dim, 16, key=k),
+        make_layer=lambda k: eqx_mtp.nn.MLPBlock(dim, 16, key=k),
         kind=kind,
         key=getkey(),
     )
     hidden = jax.random.normal(getkey(), (2, 10, dim))
     tokens = jax.random.randint(getkey(), (2, 10), 0, vocab)
     embedding = jax.random.normal(getkey(), (vocab, dim))
-    norm = eqx_mtp.RMSNorm(dim)
+    norm = eqx_mtp.nn.RMSNorm(dim)
 
     def outputs(depths, embedding):
         """Every depth's normed hidden state, `[num_depths, batch, seq, dim]`."""

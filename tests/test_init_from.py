@@ -84,11 +84,13 @@ def _trunk_as_stored(model):
 def test_depths_only_run_keeps_the_pretrained_trunk(pretrained, tmp_path, capsys):
     root, tensors = pretrained
     train(_config(root, tmp_path / "frozen", train_depths_only=True), progress=False)
-    model, stored = eqx_mtp.load_checkpoint(tmp_path / "frozen")
+    model, stored = eqx_mtp.train.load_checkpoint(tmp_path / "frozen")
     assert stored["model"]["vocab_size"] == 40 and model.config.train_depths_only
     for name, value in _trunk_as_stored(model).items():
         np.testing.assert_array_equal(value, tensors[name], err_msg=name)
-    start = eqx_mtp.load_llama(root / "llama", num_depths=2, key=jax.random.key(0))
+    start = eqx_mtp.interop.load_llama(
+        root / "llama", num_depths=2, key=jax.random.key(0)
+    )
     moved = np.abs(
         np.asarray(model.depths.depths.eh_proj.weight)
         - np.asarray(start.depths.depths.eh_proj.weight)
@@ -100,7 +102,7 @@ def test_depths_only_run_keeps_the_pretrained_trunk(pretrained, tmp_path, capsys
     assert code == 2 and "tokenizer" in capsys.readouterr().err
 
     train(_config(root, tmp_path / "full"), progress=False)
-    full, _ = eqx_mtp.load_checkpoint(tmp_path / "full")
+    full, _ = eqx_mtp.train.load_checkpoint(tmp_path / "full")
     changed = [
         name
         for name, value in _trunk_as_stored(full).items()

@@ -69,7 +69,7 @@ def _depths(dim=DIM):
     return eqx_mtp.MTPDepths(
         NUM_DEPTHS,
         dim,
-        make_layer=lambda key: eqx_mtp.LinearBlock(dim, key=key),
+        make_layer=lambda key: eqx_mtp.nn.LinearBlock(dim, key=key),
         key=jax.random.key(1),
     )
 
@@ -101,7 +101,7 @@ def _inputs():
         hidden=hidden,
         tokens=tokens,
         embedding=matrix,
-        final_norm=eqx_mtp.RMSNorm(DIM),
+        final_norm=eqx_mtp.nn.RMSNorm(DIM),
         segment_ids=segment_ids,
         positions=batch["positions"],
     )

@@ -84,8 +84,8 @@ def test_two_processes_train_like_one_process_of_eight_devices(corpus, tmp_path)
     assert (two / "losses.png").is_file() and (two / "summary.json").is_file()
 
     # Saved from 8 devices in 2 processes, restored in this one onto one device.
-    restored, _ = eqx_mtp.load_checkpoint(two)
-    reference, _ = eqx_mtp.load_checkpoint(single)
+    restored, _ = eqx_mtp.train.load_checkpoint(two)
+    reference, _ = eqx_mtp.train.load_checkpoint(single)
     assert tree_allclose(restored, reference, rtol=1e-5, atol=1e-7)
     assert len(restored.trunk.embedding.sharding.device_set) == 1
 
@@ -107,6 +107,6 @@ def test_mesh_job_equals_one_device_job(corpus, tmp_path):
         np.testing.assert_allclose(
             meshed_losses[step], plain_losses[step], rtol=1e-5, err_msg=f"step {step}"
         )
-    model_a, _ = eqx_mtp.load_checkpoint(meshed)
-    model_b, _ = eqx_mtp.load_checkpoint(plain)
+    model_a, _ = eqx_mtp.train.load_checkpoint(meshed)
+    model_b, _ = eqx_mtp.train.load_checkpoint(plain)
     assert tree_allclose(model_a, model_b, rtol=1e-5, atol=1e-7)

@@ -308,7 +308,7 @@ from helpers import tiny_config
 import eqx_mtp
 
 model = eqx_mtp.MTPModel(tiny_config(), key=jax.random.key(0))
-checkpointer = eqx_mtp.Checkpointer({directory!r})
+checkpointer = eqx_mtp.train.Checkpointer({directory!r})
 checkpointer.save(1, model=model, opt_state=dict(a=jax.numpy.zeros(3)))
 """
 

@@ -90,8 +90,8 @@ def test_parameters_cast_to_the_compute_dtype_except_norms():
     model = random_model(_config(depth_final_norm=True, tie_embeddings=False))
     cast = in_compute_dtype(model, "bfloat16")
     # Norms as leaves, everything else down to its arrays.
-    leaves = jax.tree.leaves(cast, is_leaf=lambda x: isinstance(x, eqx_mtp.RMSNorm))
-    norms = [x for x in leaves if isinstance(x, eqx_mtp.RMSNorm)]
+    leaves = jax.tree.leaves(cast, is_leaf=lambda x: isinstance(x, eqx_mtp.nn.RMSNorm))
+    norms = [x for x in leaves if isinstance(x, eqx_mtp.nn.RMSNorm)]
     other = [x for x in leaves if eqx.is_array(x)]
     # The trunk block's 2 and final norm; each depth's enorm, hnorm, final norm and
     # its block's 2.
@@ -108,7 +108,7 @@ def test_rms_norm_computes_in_float32_whatever_its_scale_dtype():
     strict promotion does not fail on bfloat16 scale times float32 activations)."""
     x = jnp.linspace(-3.0, 5.0, 8, dtype=jnp.float32).reshape(2, 4)
     scale = jnp.array([1.5, 0.5, 2.0, 1.0], jnp.bfloat16)
-    norm = eqx.tree_at(lambda n: n.weight, eqx_mtp.RMSNorm(4, eps=1e-6), scale)
+    norm = eqx.tree_at(lambda n: n.weight, eqx_mtp.nn.RMSNorm(4, eps=1e-6), scale)
     x64 = np.asarray(x, np.float64)
     expected = (
         x64 / np.sqrt(np.mean(x64**2, -1, keepdims=True) + 1e-6) * [1.5, 0.5, 2, 1]

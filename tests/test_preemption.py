@@ -95,8 +95,8 @@ def test_restart_loop_with_sigkill_at_random_moments(corpus, tmp_path):
     assert max(step for step, _ in logged) == JOB["steps"]
     for step, losses in logged:
         assert losses == expected[step], step
-    model, _ = eqx_mtp.load_checkpoint(run)
-    reference, _ = eqx_mtp.load_checkpoint(tmp_path / "reference")
+    model, _ = eqx_mtp.train.load_checkpoint(run)
+    reference, _ = eqx_mtp.train.load_checkpoint(tmp_path / "reference")
     assert tree_allclose(model, reference, rtol=0, atol=0)
 
 

@@ -172,7 +172,7 @@ def test_blockwise_attention_keeps_documents_apart(row):
     )
     ids = jnp.asarray(row, jnp.int32)
     got = np.asarray(
-        eqx_mtp.blockwise_attention(
+        eqx_mtp.nn.blockwise_attention(
             q, k, v, query_segment_ids=ids, key_segment_ids=ids, block_q=4, block_k=4
         )
     )
@@ -424,10 +424,10 @@ def _entry_points():
         ),
         "mtp_loss_sums": lambda s: eqx_mtp.mtp_loss_sums(model, tokens, segment_ids=s),
         "mtp_loss": lambda s: eqx_mtp.mtp_loss(model, tokens, segment_ids=s),
-        "blockwise_attention": lambda s: eqx_mtp.blockwise_attention(
+        "blockwise_attention": lambda s: eqx_mtp.nn.blockwise_attention(
             q, kv, kv, query_segment_ids=s[0], key_segment_ids=good
         ),
-        "blockwise_attention(keys)": lambda s: eqx_mtp.blockwise_attention(
+        "blockwise_attention(keys)": lambda s: eqx_mtp.nn.blockwise_attention(
             q,
             kv,
             kv,

@@ -418,7 +418,7 @@ def test_partition_specs_of_optimizer_state():
     """Adam's moments get their parameters' specs; step counts are replicated."""
     mesh = eqx_mtp.make_mesh(4, 2, 1)
     model = random_model(tiny_config(vocab_size=32, num_depths=1))
-    optimizer = eqx_mtp.make_optimizer(
+    optimizer = eqx_mtp.train.make_optimizer(
         model, learning_rate=1e-3, total_steps=10, warmup_steps=1
     )
     state = eqx.filter_eval_shape(optimizer.init, eqx.filter(model, eqx.is_array))

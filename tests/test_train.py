@@ -47,8 +47,8 @@ def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path):
     assert sorted(straight_losses) == list(range(1, 7))
     for step in range(1, 7):
         assert straight_losses[step] == resumed_losses[step], step
-    model_a, _ = eqx_mtp.load_checkpoint(straight)
-    model_b, _ = eqx_mtp.load_checkpoint(resumed)
+    model_a, _ = eqx_mtp.train.load_checkpoint(straight)
+    model_b, _ = eqx_mtp.train.load_checkpoint(resumed)
     assert tree_allclose(model_a, model_b, rtol=0, atol=0)
 
 
@@ -66,7 +66,7 @@ def test_job_writes_checkpoints_metrics_plot_and_loads_back(corpus, tmp_path):
     final = summary["eval"]
     assert len(final["depth_losses"]) == 3
     assert all(loss > 0 for loss in final["depth_losses"])  # never silently 0
-    model, stored = eqx_mtp.load_checkpoint(run)
+    model, stored = eqx_mtp.train.load_checkpoint(run)
     assert stored["model"]["num_depths"] == 2
     assert model.config == _config(corpus, run).model_config()
 
@@ -158,7 +158,7 @@ def test_train_step_gradient_equals_the_naive_and_chunked_losses(
         segment_ids=segment_ids.reshape(4, 2, 12),
         loss_mask=loss_mask.reshape(4, 2, 12),
     )
-    _, grads, metrics = eqx_mtp.train_step(
+    _, grads, metrics = eqx_mtp.train.train_step(
         optimizer, fused, opt_state, batch, 0.3, reduction=reduction
     )
     for reference in ("chunked", "naive"):
@@ -206,8 +206,8 @@ def test_damaged_latest_checkpoint_falls_back(corpus, tmp_path):
     assert Checkpointer(directory).steps() == [2, 4, 6]
     losses, expected = _train_losses(run), _train_losses(straight)
     assert all(losses[step] == expected[step] for step in range(3, 7))
-    model, _ = eqx_mtp.load_checkpoint(run)
-    reference, _ = eqx_mtp.load_checkpoint(straight)
+    model, _ = eqx_mtp.train.load_checkpoint(run)
+    reference, _ = eqx_mtp.train.load_checkpoint(straight)
     assert tree_allclose(model, reference, rtol=0, atol=0)
 
 
@@ -233,7 +233,7 @@ def test_a_run_continues_under_another_remat_and_attention(corpus, tmp_path):
     assert sorted(losses) == list(range(1, 7))
     for step in range(4, 7):
         np.testing.assert_allclose(losses[step], expected[step], rtol=1e-4)
-    _, stored = eqx_mtp.load_checkpoint(switched)
+    _, stored = eqx_mtp.train.load_checkpoint(switched)
     assert stored["model"]["attention_impl"] == "blockwise"
 
 

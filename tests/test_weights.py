@@ -73,15 +73,15 @@ def test_round_trip_is_bit_exact(tmp_path, getkey, overrides):
         lambda x: x + jax.random.normal(getkey(), x.shape) * 0.1, model
     )
     single, sharded = tmp_path / "single", tmp_path / "sharded"
-    eqx_mtp.save_llama(model, single)
-    eqx_mtp.save_llama(model, sharded, max_shard_bytes=2_000)
+    eqx_mtp.interop.save_llama(model, single)
+    eqx_mtp.interop.save_llama(model, sharded, max_shard_bytes=2_000)
     assert len(list(sharded.glob("model-*.safetensors"))) > 2
     for directory in (single, sharded):
-        loaded = eqx_mtp.load_llama(directory)
+        loaded = eqx_mtp.interop.load_llama(directory)
         assert loaded.config == config
         assert eqx.tree_equal(_arrays(loaded), _arrays(model))
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        eqx_mtp.save_llama(model, single)
+        eqx_mtp.interop.save_llama(model, single)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
@@ -91,7 +91,7 @@ def test_loaded_trunk_matches_an_independent_llama_forward(tmp_path, tied, shard
         tmp_path, **SIZES, tie_word_embeddings=tied, shards=shards, seed=3
     )
     config = llama_config(**SIZES, tie_word_embeddings=tied)
-    model = eqx_mtp.load_llama(tmp_path, key=jax.random.key(0), num_depths=1)
+    model = eqx_mtp.interop.load_llama(tmp_path, key=jax.random.key(0), num_depths=1)
     assert model.config.num_kv_heads == 2 and model.config.norm_eps == 1e-5
     hidden, logits = _trunk_hidden_and_logits(model, TOKENS)
     np.testing.assert_allclose(
@@ -104,7 +104,7 @@ def test_loaded_trunk_matches_an_independent_llama_forward(tmp_path, tied, shard
 
 def test_bfloat16_checkpoint_loads_into_float32(tmp_path):
     tensors = write_llama_checkpoint(tmp_path, **SIZES, dtype=ml_dtypes.bfloat16)
-    model = eqx_mtp.load_llama(tmp_path, key=jax.random.key(0))
+    model = eqx_mtp.interop.load_llama(tmp_path, key=jax.random.key(0))
     assert model.trunk.embedding.dtype == jnp.float32
     _, logits = _trunk_hidden_and_logits(model, TOKENS)
     reference = llama_logits(tensors, llama_config(**SIZES), TOKENS)
@@ -126,7 +126,7 @@ def test_stored_depths_match_deepseek_mtp(tmp_path, copies):
     write_llama_checkpoint(
         tmp_path, **SIZES, extra_config=extra, extra_tensors=tensors, shards=2
     )
-    model = eqx_mtp.load_llama(tmp_path)
+    model = eqx_mtp.interop.load_llama(tmp_path)
     assert model.config.num_depths == num_depths and model.config.depth_final_norm
 
     hidden, _ = _trunk_hidden_and_logits(model, TOKENS)
@@ -150,10 +150,10 @@ def test_stored_depths_match_deepseek_mtp(tmp_path, copies):
         )
 
     # Fewer depths than stored: the later ones are left out; more: new ones added.
-    assert eqx_mtp.load_llama(tmp_path, num_depths=1).config.num_depths == 1
+    assert eqx_mtp.interop.load_llama(tmp_path, num_depths=1).config.num_depths == 1
     with pytest.raises(ValueError, match="need a key"):
-        eqx_mtp.load_llama(tmp_path, num_depths=3)
-    grown = eqx_mtp.load_llama(tmp_path, num_depths=3, key=jax.random.key(0))
+        eqx_mtp.interop.load_llama(tmp_path, num_depths=3)
+    grown = eqx_mtp.interop.load_llama(tmp_path, num_depths=3, key=jax.random.key(0))
     np.testing.assert_array_equal(
         grown.depths.depths.eh_proj.weight[:2], model.depths.depths.eh_proj.weight
     )
@@ -165,8 +165,8 @@ def test_new_depths_are_initialised_like_a_fresh_model(tmp_path, getkey):
     fresh = eqx_mtp.MTPModel(config, key=key)
     # The same key gives the same trunk whatever the number of depths.
     trunk_only = eqx_mtp.MTPModel(tiny_config(num_layers=2, num_depths=0), key=key)
-    eqx_mtp.save_llama(trunk_only, tmp_path)
-    loaded = eqx_mtp.load_llama(tmp_path, num_depths=2, key=key)
+    eqx_mtp.interop.save_llama(trunk_only, tmp_path)
+    loaded = eqx_mtp.interop.load_llama(tmp_path, num_depths=2, key=key)
     assert eqx.tree_equal(_arrays(loaded), _arrays(fresh))
 
 
@@ -188,8 +188,8 @@ UNSUPPORTED = [
 )
 def test_unrepresentable_configs_are_refused(tmp_path, field, value):
     write_llama_checkpoint(tmp_path, **SIZES, extra_config={field: value})
-    with pytest.raises(eqx_mtp.WeightsError, match=field):
-        eqx_mtp.load_llama(tmp_path, key=jax.random.key(0))
+    with pytest.raises(eqx_mtp.interop.WeightsError, match=field):
+        eqx_mtp.interop.load_llama(tmp_path, key=jax.random.key(0))
 
 
 def test_checkpoints_the_model_cannot_hold_are_refused(tmp_path):
@@ -204,17 +204,17 @@ def test_checkpoints_the_model_cannot_hold_are_refused(tmp_path):
     biased = tensors | {
         "model.layers.0.self_attn.q_proj.bias": np.zeros(16, np.float32)
     }
-    with pytest.raises(eqx_mtp.WeightsError, match=r"q_proj\.bias"):
-        eqx_mtp.load_llama(attempt("bias", biased), key=jax.random.key(0))
+    with pytest.raises(eqx_mtp.interop.WeightsError, match=r"q_proj\.bias"):
+        eqx_mtp.interop.load_llama(attempt("bias", biased), key=jax.random.key(0))
 
     wrong = tensors | {"model.layers.1.mlp.up_proj.weight": np.zeros((25, 16))}
-    with pytest.raises(eqx_mtp.WeightsError, match=r"up_proj\.weight.*shape"):
-        eqx_mtp.load_llama(attempt("shape", wrong), key=jax.random.key(0))
+    with pytest.raises(eqx_mtp.interop.WeightsError, match=r"up_proj\.weight.*shape"):
+        eqx_mtp.interop.load_llama(attempt("shape", wrong), key=jax.random.key(0))
 
-    with pytest.raises(eqx_mtp.WeightsError, match="config.json"):
-        eqx_mtp.load_llama(tmp_path / "missing", key=jax.random.key(0))
+    with pytest.raises(eqx_mtp.interop.WeightsError, match="config.json"):
+        eqx_mtp.interop.load_llama(tmp_path / "missing", key=jax.random.key(0))
     with pytest.raises(TypeError, match="directory"):
-        eqx_mtp.load_llama(3, key=jax.random.key(0))
+        eqx_mtp.interop.load_llama(3, key=jax.random.key(0))
 
 
 def test_missing_tensors_are_named(tmp_path):
@@ -225,13 +225,15 @@ def test_missing_tensors_are_named(tmp_path):
     del stored["model.layers.1.input_layernorm.weight"]
     del stored["lm_head.weight"]
     save_file(stored, tmp_path / "model.safetensors")
-    with pytest.raises(eqx_mtp.WeightsError, match="no lm_head.weight"):
-        eqx_mtp.load_llama(tmp_path, key=jax.random.key(0))
+    with pytest.raises(eqx_mtp.interop.WeightsError, match="no lm_head.weight"):
+        eqx_mtp.interop.load_llama(tmp_path, key=jax.random.key(0))
     hf = json.loads((tmp_path / "config.json").read_text())
     hf["tie_word_embeddings"] = True
     (tmp_path / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(eqx_mtp.WeightsError, match=r"layers\.1\.input_layernorm"):
-        eqx_mtp.load_llama(tmp_path, key=jax.random.key(0))
+    with pytest.raises(
+        eqx_mtp.interop.WeightsError, match=r"layers\.1\.input_layernorm"
+    ):
+        eqx_mtp.interop.load_llama(tmp_path, key=jax.random.key(0))
 
 
 def test_a_depth_head_copy_that_differs_is_refused(tmp_path):
@@ -243,8 +245,8 @@ def test_a_depth_head_copy_that_differs_is_refused(tmp_path):
     name = f"model.layers.{SIZES['num_layers']}.shared_head.head.weight"
     tensors[name] = tensors[name] * 2
     write_llama_checkpoint(tmp_path, **SIZES, extra_config=extra, extra_tensors=tensors)
-    with pytest.raises(eqx_mtp.WeightsError, match="shared_head.head.weight"):
-        eqx_mtp.load_llama(tmp_path)
+    with pytest.raises(eqx_mtp.interop.WeightsError, match="shared_head.head.weight"):
+        eqx_mtp.interop.load_llama(tmp_path)
 
 
 # ----------------------------------------------------------------------- MaxText
@@ -300,7 +302,9 @@ def test_maxtext_conventions(getkey, tied, old_names):
         rng, dim, vocab, config.num_depths, tied=tied, old_names=old_names
     )
     params = tree["params"]
-    model = eqx_mtp.load_maxtext_mtp(eqx_mtp.MTPModel(config, key=getkey()), tree)
+    model = eqx_mtp.interop.load_maxtext_mtp(
+        eqx_mtp.MTPModel(config, key=getkey()), tree
+    )
     eps = 1e-5
 
     # Small activations, so that an epsilon left at ours (1e-6) shows.
@@ -363,8 +367,8 @@ def test_maxtext_refusals(getkey):
         },
     }
     with pytest.raises(ValueError, match="keep_depth_blocks=True"):
-        eqx_mtp.load_maxtext_mtp(model, with_layer)
-    kept = eqx_mtp.load_maxtext_mtp(model, with_layer, keep_depth_blocks=True)
+        eqx_mtp.interop.load_maxtext_mtp(model, with_layer)
+    kept = eqx_mtp.interop.load_maxtext_mtp(model, with_layer, keep_depth_blocks=True)
     kept_leaves = jax.tree_util.tree_leaves(_arrays(kept.depths.depths.layer))
     own_leaves = jax.tree_util.tree_leaves(_arrays(model.depths.depths.layer))
     assert all(map(np.array_equal, kept_leaves, own_leaves))
@@ -374,18 +378,18 @@ def test_maxtext_refusals(getkey):
         rng, config.dim, config.vocab_size, 3, tied=True, old_names=True
     )
     with pytest.raises(ValueError, match="mtp_layer_3 beyond num_depths=2"):
-        eqx_mtp.load_maxtext_mtp(model, three)
+        eqx_mtp.interop.load_maxtext_mtp(model, three)
     untied = _maxtext_tree(
         rng, config.dim, config.vocab_size, 2, tied=False, old_names=True
     )
     with pytest.raises(ValueError, match="tie_embeddings=False"):
-        eqx_mtp.load_maxtext_mtp(model, untied)
+        eqx_mtp.interop.load_maxtext_mtp(model, untied)
     narrow = _maxtext_tree(rng, 8, config.vocab_size, 2, tied=True, old_names=True)
     with pytest.raises(ValueError, match="shape"):
-        eqx_mtp.load_maxtext_mtp(model, narrow)
+        eqx_mtp.interop.load_maxtext_mtp(model, narrow)
     parallel = eqx_mtp.MTPModel(tiny_config(mtp_kind="parallel"), key=getkey())
     with pytest.raises(ValueError, match="sequential"):
-        eqx_mtp.load_maxtext_mtp(parallel, tree)
+        eqx_mtp.interop.load_maxtext_mtp(parallel, tree)
 
 
 def _maxtext_depth_sums(logits_per_depth, targets, target_mask, segment_ids):
@@ -430,7 +434,7 @@ def test_maxtext_mask_gives_maxtexts_sums(getkey):
         )
     )(jnp.asarray(tokens))
     head = model.trunk.unembedding_matrix
-    loss_mask = eqx_mtp.maxtext_loss_mask(target_mask)
+    loss_mask = eqx_mtp.interop.maxtext_loss_mask(target_mask)
     assert loss_mask.dtype == jnp.bool_
     sums, counts = eqx_mtp.mtp_depth_losses(
         model.depths,
@@ -457,4 +461,4 @@ def test_maxtext_mask_gives_maxtexts_sums(getkey):
     np.testing.assert_allclose(np.asarray(counts), expected_counts)
     np.testing.assert_allclose(np.asarray(sums), expected_sums, rtol=1e-5)
     with pytest.raises((ValueError, TypeError), match="decoder_target_mask"):
-        eqx_mtp.maxtext_loss_mask(target_mask[0])
+        eqx_mtp.interop.maxtext_loss_mask(target_mask[0])

@@ -14,7 +14,7 @@ from ._data import (
     DataError as DataError,
     TokenIds as TokenIds,
     TrainBatches as TrainBatches,
-    decode as decode,
+    decode_bytes as decode_bytes,
     encode_document as encode_document,
     eval_batches as eval_batches,
     load_documents as load_documents,

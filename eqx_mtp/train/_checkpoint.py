@@ -49,7 +49,7 @@ class CheckpointError(RuntimeError):
 
 @dataclasses.dataclass
 class RestoredState:
-    """What [`eqx_mtp.Checkpointer.restore`][] returns. A piece that was not saved
+    """What [`eqx_mtp.train.Checkpointer.restore`][] returns. A piece that was not saved
     (or, for `opt_state`, not asked for with a template) is `None`."""
 
     step: int
@@ -186,7 +186,7 @@ class Checkpointer:
     `ModelConfig` or a template when restoring), and whichever of the optimizer state,
     the data iterator's state and the RNG key were given, and a JSON config. The
     config's layout is yours; two layouts also say how to rebuild an
-    [`eqx_mtp.MTPModel`][] ([`eqx_mtp.load_checkpoint`][] needs nothing else):
+    [`eqx_mtp.MTPModel`][] ([`eqx_mtp.train.load_checkpoint`][] needs nothing else):
 
     - `ModelConfig.to_dict()` itself, or
     - `{"model": ModelConfig.to_dict(), ...}` with anything else beside it (the
@@ -199,7 +199,7 @@ class Checkpointer:
     stops the threads that write it.
 
     ```python
-    with eqx_mtp.Checkpointer("runs/mine/checkpoints") as checkpointer:
+    with eqx_mtp.train.Checkpointer("runs/mine/checkpoints") as checkpointer:
         checkpointer.save(step, model=model, opt_state=opt_state)
     ```
 
@@ -420,7 +420,7 @@ class Checkpointer:
 
         A checkpoint that fails to load falls back to the one before it, with a
         warning. A checkpoint whose stored config differs from `config` is refused with
-        a [`eqx_mtp.CheckpointError`][] naming the differing fields.
+        a [`eqx_mtp.train.CheckpointError`][] naming the differing fields.
 
         **Arguments:**
 
@@ -579,7 +579,7 @@ def load_checkpoint(
     - `like`: a template of the model (the model, one like it, or
         `eqx.filter_eval_shape` of its constructor); needed when it is not an
         [`eqx_mtp.MTPModel`][] whose `ModelConfig` the checkpoint's config holds
-        (see [`eqx_mtp.Checkpointer`][] for the two layouts).
+        (see [`eqx_mtp.train.Checkpointer`][] for the two layouts).
 
     **Returns:**
 

@@ -72,7 +72,7 @@ def encode_document(text: bytes | str) -> Int[np.ndarray, " length"]:
     )
 
 
-def decode(ids: ArrayLike) -> str:
+def decode_bytes(ids: ArrayLike) -> str:
     """Text of a sequence of byte-level token ids.
 
     **Arguments:**
@@ -88,7 +88,7 @@ def decode(ids: ArrayLike) -> str:
     array = np.asarray(ids)
     if array.ndim != 1:
         raise DataError(
-            f"decode expects a 1-D sequence of ids, got shape {array.shape}"
+            f"decode_bytes expects a 1-D sequence of ids, got shape {array.shape}"
         )
     array = array.astype(np.int64)
     byte_ids = array[(array >= 0) & (array < 256)].astype(np.uint8)
@@ -227,7 +227,8 @@ def load_documents(path: str | os.PathLike | None = None) -> list[bytes]:
         - a `.jsonl` file: one document per line, the line's string `text` field
             encoded as UTF-8, or its `tokens` field, a list of token ids of the
             tokenizer of a model loaded with `--init-from` (each such document a
-            [`eqx_mtp.TokenIds`][]). A file holds one kind. Blank lines are skipped.
+            [`eqx_mtp.train.TokenIds`][]). A file holds one kind. Blank lines are
+            skipped.
 
     Files are read as bytes and kept byte for byte (apart from the `.txt` separators);
     empty documents are dropped. Directory walks follow sorted paths.

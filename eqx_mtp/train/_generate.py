@@ -11,7 +11,7 @@ import numpy as np
 
 from .._decode import generate
 from ._checkpoint import CheckpointError, load_checkpoint
-from ._data import BYTE_VOCAB_SIZE, EOS_ID, decode, encode_document
+from ._data import BYTE_VOCAB_SIZE, EOS_ID, decode_bytes, encode_document
 from ._job import UserError
 
 
@@ -82,7 +82,7 @@ def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
     )
     tokens = np.asarray(out.tokens[0])
     ends = np.flatnonzero(tokens == EOS_ID)
-    text = decode(tokens[: ends[0]] if ends.size else tokens)
+    text = decode_bytes(tokens[: ends[0]] if ends.size else tokens)
     mode = "speculative" if out.accepted.shape[1] else "plain"
     lines = [
         f"decoding: {mode}, {tokens.shape[0]} new tokens",

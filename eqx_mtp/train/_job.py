@@ -62,7 +62,7 @@ class TrainConfig:
     `ModelConfig`'s; like the mesh, they may change when a run continues (they change
     how a step is computed and its rounding, not what it computes). `init_from`
     starts from a Hugging Face Llama-family checkpoint (see
-    [`eqx_mtp.load_llama`][]): its `config.json` sets the trunk's shape and
+    [`eqx_mtp.interop.load_llama`][]): its `config.json` sets the trunk's shape and
     vocabulary, and the documents are token ids (a `.jsonl` with a `tokens` field);
     `train_depths_only` freezes the trunk.
     """
@@ -293,7 +293,7 @@ def _flag(name: str) -> str:
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a JSON or TOML file of [`eqx_mtp.TrainConfig`][] fields."""
+    """Read a JSON or TOML file of [`eqx_mtp.train.TrainConfig`][] fields."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"--config: no such file: {path}")
@@ -367,7 +367,7 @@ def train(
 
     **Arguments:**
 
-    - `config`: the [`eqx_mtp.TrainConfig`][].
+    - `config`: the [`eqx_mtp.train.TrainConfig`][].
     - `stop_after`: stop (after checkpointing) once this step is done, as if the job
         were pre-empted; `None` runs to `config.steps`.
     - `progress`: show a tqdm progress bar.

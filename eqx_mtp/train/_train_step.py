@@ -65,7 +65,7 @@ def make_optimizer(
     b2: float = 0.95,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay, global-norm clipping, and weight
-    decay only where [`eqx_mtp.weight_decay_mask`][] says.
+    decay only where [`eqx_mtp.train.weight_decay_mask`][] says.
 
     **Arguments:**
 
@@ -258,7 +258,7 @@ def train_step(
     The model's and the optimizer state's buffers are donated (their updated values
     take their memory), so use the returned ones; the batch and `mtp_weight` are not,
     and may be passed again. With a `mesh`, the loss is computed as
-    [`eqx_mtp.accumulated_loss_and_grad`][] does on it, and the gradients, the new
+    [`eqx_mtp.train.accumulated_loss_and_grad`][] does on it, and the gradients, the new
     parameters and the new optimizer state are laid out by `rules`
     ([`eqx_mtp.partition_specs`][]), as the model and state passed in should be
     ([`eqx_mtp.shard_tree`][]).
