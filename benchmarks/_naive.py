@@ -16,7 +16,8 @@ The forward is the published architecture: Llama's pre-norm block (RMSNorm, RoPE
 the rotate-half layout, grouped-query attention, SwiGLU) and DeepSeek-V3's depth `k`:
 `h^k = Block_k(eh_proj([enorm(E[t_{i+k}]) ; hnorm(h^{k-1}_i)]))`, then the shared
 final norm and the shared head. Which positions count and how the per-depth losses
-are reduced follow DESIGN.md §1 (the same rule and reduction as `eqx_mtp.mtp_loss`):
+are reduced follow the validity rule and reductions of `docs/maths.md` (the same rule
+and reduction as `eqx_mtp.mtp_loss`):
 position `i` of depth `k` predicts `t_{i+k+1}` and counts when that token lies in the
 row, in `i`'s document and `i` is not padding; `L = S_0/N_0 + λ · (1/D) Σ_k S_k/N_k`.
 
@@ -155,7 +156,7 @@ def cross_entropy_sum(hidden, norm_weight, lm_head, tokens, docs, k, eps):
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     targets = shift_left(tokens, k + 1)
     target_docs = shift_left(docs, k + 1)
-    # DESIGN.md §1: compare i with the target's own position, not with a neighbour.
+    # The validity rule: compare i with the target's own position, not with a neighbour.
     valid = (docs != 0) & (target_docs == docs)
     picked = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
     return -jnp.sum(jnp.where(valid, picked, 0.0)), jnp.sum(valid, dtype=jnp.float32)
@@ -195,7 +196,7 @@ def naive_mtp_loss(model, tokens, segment_ids, *, mtp_weight=0.3):
     for k, depth in enumerate(params["mtp"], start=1):
         # The embedding of t_{i+k}; beyond the row, token 0 (never a counted target).
         ahead = params["embed_tokens"][shift_left(tokens, k)]
-        # DESIGN.md §1: embedding first, hidden second (DeepSeek-V3's weights).
+        # Embedding first, hidden second (DeepSeek-V3's weights).
         normed_ahead = rms_norm(ahead, depth["enorm"], eps)
         normed_hidden = rms_norm(hidden, depth["hnorm"], eps)
         combined = jnp.concatenate([normed_ahead, normed_hidden], axis=-1)

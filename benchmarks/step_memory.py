@@ -15,7 +15,7 @@ measured at `--batch × --seq` and at the same number of tokens in rows of
 - lean candidates: `loss_impl` `"fused"` (and `"chunked"`), `attention_impl=
     "blockwise"`, each `remat` policy (`"none"`, `"full"`, `"save_dots"`);
 - for context, not judged: `"fused"` with the reference attention (the
-    `ModelConfig` defaults before issue 12) and remat none or full.
+    `ModelConfig` defaults before the lean-memory defaults) and remat none or full.
 
 Memory is XLA's analysis of the compiled program (`temp_size_in_bytes`; nothing
 runs). Time: the naive and the lean steps at `--batch × --seq` (`--timed-impls`
@@ -63,7 +63,8 @@ MiB = 2**20
 GiB = 2**30
 POLICIES = ("none", "full", "save_dots")
 NAIVE = ("naive", "reference", "none")
-# The ModelConfig defaults before issue 12 (materialised attention), with and without
+# The ModelConfig defaults before the lean-memory defaults (materialised attention),
+# with and without
 # remat: context, not judged.
 CONTEXT = (("fused", "reference", "none"), ("fused", "reference", "full"))
 MTP_WEIGHT = 0.1

@@ -1,5 +1,5 @@
 """Cross-entropy from hidden states and an unembedding matrix, computed in chunks of
-tokens so that the `[tokens, vocab]` logits are never materialised (DESIGN.md §2).
+tokens so that the `[tokens, vocab]` logits are never materialised.
 
 Two custom VJPs:
 

@@ -1,4 +1,4 @@
-"""MaxText's MTP parameters and loss mask in our conventions (DESIGN.md §4)."""
+"""MaxText's MTP parameters and loss mask in our conventions."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Where every array of a model and of its optimizer state lives on the mesh: one
-rule set, matched against the array's path (DESIGN.md §2, "Over a device mesh")."""
+rule set, matched against the array's path."""
 
 from __future__ import annotations
 

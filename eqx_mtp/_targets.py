@@ -1,4 +1,4 @@
-"""Which positions count at each depth: targets and DESIGN.md §1's validity rule."""
+"""Which positions count at each depth: targets and the validity rule."""
 
 from __future__ import annotations
 

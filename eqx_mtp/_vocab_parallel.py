@@ -1,5 +1,5 @@
 """The cross-entropy of an output head over a device mesh: tokens local to
-(`data`, `context`), the vocabulary local to `model` (DESIGN.md §2).
+(`data`, `context`), the vocabulary local to `model`.
 
 Each custom VJP wraps one `jax.shard_map`, so every collective is written out here and
 none is left to the transpose of a shard-mapped program:

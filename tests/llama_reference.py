@@ -13,7 +13,7 @@ against them:
   `eh_proj(concat(enorm(embed(t_{i+k})), hnorm(h^{k-1}_i)))`, one decoder layer,
   `shared_head.norm`, then the output head.
 
-See DESIGN.md §4 for the layouts.
+`docs/weights.md` lists the layouts.
 """
 
 import json

@@ -2,7 +2,8 @@
 
 No reference calls `eqx_mtp.roll_and_mask`, `eqx_mtp.depth_targets`,
 `eqx_mtp.segment_positions`, `eqx_mtp.head_loss_sum` or the depth scan: the MTP loss
-is written out from DESIGN.md §1 with a Python loop over the *unstacked* depths
+is written out from the objective in `docs/maths.md` with a Python loop over the
+*unstacked* depths
 (`jax.vmap`ped over rows), targets and validity by NumPy indexing, and a naive
 full-logits cross-entropy. A few cheap test utilities follow at the end.
 """
@@ -55,7 +56,7 @@ def roll_and_mask_reference(x, shift, segment_ids=None):
 
 
 def valid_reference(segment_ids, loss_mask, k):
-    """DESIGN.md §1 by brute force:
+    """The validity rule by brute force:
     `valid(k, i) = i+k+1 < T and seg[i] != 0 and seg[i+k+1] == seg[i] and
     mask[i+k+1]`, `seg` numbering the documents (maximal runs of one id)."""
     seg = documents_reference(segment_ids)
@@ -180,7 +181,7 @@ def loop_depth_loss_sums(
             depth = unstacked[k - 1]
             if sequential:
                 next_embeddings = embedding[ahead_row[k - 1]]
-                # DESIGN.md §1: embedding first, hidden second; eh_proj is [out, in].
+                # Embedding first, hidden second; eh_proj is [out, in].
                 combined = jnp.concatenate(
                     [depth.enorm(next_embeddings), depth.hnorm(previous)], axis=-1
                 )

@@ -1,4 +1,4 @@
-"""MTP on any trunk in one call (issue 17, items 1 and 2): `mtp_loss_sums_from_hidden`
+"""MTP on any trunk in one call: `mtp_loss_sums_from_hidden`
 is what `mtp_loss_sums` runs on our trunk, equals an independent Python-loop reference
 on a foreign Equinox transformer, gives the plain next-token sums without depths, and
 takes a per-vector `final_norm` (`eqx.nn.RMSNorm`, `eqx.nn.LayerNorm`) as the batched

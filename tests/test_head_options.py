@@ -15,7 +15,8 @@ import eqx_mtp
 
 
 def _expected_loss(sums, counts, weight, depth_weights, reduction):
-    """DESIGN.md §1 with the weighted means documented in `reduce_losses`, in numpy
+    """The reductions of `docs/maths.md` with the weighted means documented in
+    `reduce_losses`, in numpy
     float64."""
     sums = np.asarray(sums, np.float64)
     counts = np.asarray(counts, np.float64)

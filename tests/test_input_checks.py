@@ -1,5 +1,5 @@
 """Every public function of the loss path checks its inputs: each bad input is an
-error whose message names the argument (DESIGN.md §1: masks are boolean; issue 14).
+error whose message names the argument (masks are boolean).
 
 Each bad input is tried twice: through the package's own checks
 (`inspect.unwrap`, as users call the functions), which must name the function and

@@ -44,9 +44,7 @@ def test_subpackages_hold_their_families():
     assert {"Transformer", "TransformerBlock", "blockwise_attention"} <= set(
         dir(eqx_mtp.nn)
     )
-    assert {"load_llama", "save_llama", "load_maxtext_mtp"} <= set(
-        dir(eqx_mtp.interop)
-    )
+    assert {"load_llama", "save_llama", "load_maxtext_mtp"} <= set(dir(eqx_mtp.interop))
     # One path per name: building blocks and formats are not also top-level.
     assert not hasattr(eqx_mtp, "Transformer")
     assert not hasattr(eqx_mtp, "load_llama")

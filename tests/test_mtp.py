@@ -1,4 +1,4 @@
-"""The scanned MTP forward against a loop over unstacked depths (DESIGN.md §1)."""
+"""The scanned MTP forward against a loop over unstacked depths."""
 
 import equinox as eqx
 import jax

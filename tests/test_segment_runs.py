@@ -1,4 +1,4 @@
-"""One meaning of segment ids (issue 17, item 5): `0` is padding, a document is a
+"""One meaning of segment ids : `0` is padding, a document is a
 maximal run of one non-zero id, and attention, positions and the validity rule all
 read them so; an id reused in a later run is another document. A negative id is an
 error at every entry point that sees concrete values.

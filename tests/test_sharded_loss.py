@@ -7,7 +7,7 @@
   both gradients, for vocabularies the `model` axis does and does not divide, and a
   device whose tokens are all masked adds exactly nothing;
 - the sharding rules (`partition_specs`, `shard_tree`) put parameters and Adam
-  moments where DESIGN.md §2 says, and FSDP divides the parameter memory;
+  moments where `docs/distributed.md` says, and FSDP divides the parameter memory;
 - bad meshes and batches that do not fit a mesh fail with one-line errors that name
   the argument.
 """
@@ -57,7 +57,7 @@ def _batch(vocab_size):
 
 
 def _valid(segment_ids, loss_mask, k):
-    """DESIGN.md §1's validity rule, written out for this test's data."""
+    """The validity rule, written out for this test's data."""
     seg = segment_ids
     valid = np.zeros(seg.shape, bool)
     valid[:, : SEQ_LEN - k - 1] = (

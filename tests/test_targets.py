@@ -1,4 +1,4 @@
-"""`depth_targets` and `segment_positions` against brute force (DESIGN.md §1)."""
+"""`depth_targets` and `segment_positions` against brute force."""
 
 import hypothesis.strategies as st
 import jax
@@ -55,7 +55,7 @@ def test_depth_targets_match_brute_force(batch):
 
 
 def _neighbour_only_valid(segment_ids, k):
-    """The public-implementation bug of DESIGN.md §3: only the pair (target - 1,
+    """A bug seen in public implementations: only the pair (target - 1,
     target) is compared, as when depth 0's boundary mask is shifted k places."""
     seg = np.asarray(segment_ids)
     batch, seq_len = seg.shape
@@ -78,7 +78,7 @@ def test_target_in_next_document_never_counts():
         expected = valid_reference(segment_ids, None, depth)
         np.testing.assert_array_equal(valid, expected)
         # Position 0 (document 1) would read a target of document 2 under the
-        # neighbour-only rule; the rule of DESIGN.md §1 rejects it.
+        # neighbour-only rule; the validity rule rejects it.
         assert _neighbour_only_valid(segment_ids, depth)[0, 0]
         assert not expected[0, 0] and not valid[0, 0]
     # Depth 2 in document 2: positions 2 and 3 reach positions 5 and 6; 6 is

@@ -3,7 +3,8 @@ in and out, and MaxText's MTP parameters and loss mask.
 
 The oracles are independent: `tests/llama_reference.py` writes checkpoints and runs a
 float64 NumPy forward written from the published architectures, and the MaxText
-checks below are written from DESIGN.md §4's convention table. Bugs each test catches:
+checks below are written from the convention table of `docs/weights.md`. Bugs each test
+catches:
 a transposed kernel, swapped concat halves, rope in the wrong layout, kv heads tiled
 instead of interleaved, a norm epsilon left at ours, the mask not shifted by one.
 """
@@ -258,7 +259,8 @@ def _maxtext_rms(x, scale, eps):
 
 
 def _maxtext_tree(rng, dim, vocab, num_depths, *, tied, old_names):
-    """A MaxText-style parameter tree with random arrays, laid out as DESIGN.md §4 says.
+    """A MaxText-style parameter tree with random arrays, laid out as MaxText's code
+    does.
     `old_names` uses `mtp_{k}_…` keys, else the NNX attribute names."""
 
     def normal(*shape, scale=0.3):
@@ -393,7 +395,7 @@ def test_maxtext_refusals(getkey):
 
 
 def _maxtext_depth_sums(logits_per_depth, targets, target_mask, segment_ids):
-    """MaxText's per-depth sums and counts, from its code as DESIGN.md describes it:
+    """MaxText's per-depth sums and counts, from its code:
     at depth k the targets and the target-indexed mask are rolled left k times
     (zero-filled) and the cross-entropy of every position is weighted by the mask."""
     sums, counts = [], []

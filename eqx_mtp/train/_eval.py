@@ -48,7 +48,7 @@ def batch_statistics(
 
     Row `k` is depth `k` (row 0 the main objective, whose agreement is with itself).
     Depth `k` at position `i` agrees when its argmax equals the trunk's argmax at
-    `i + k`: both guess `t_{i+k+1}` (DESIGN.md §1, teacher-forced agreement).
+    `i + k`: both guess `t_{i+k+1}` (teacher-forced agreement).
     """
     if positions is None:
         positions = segment_positions(segment_ids)
