@@ -17,7 +17,6 @@ import pathlib
 import re
 import shutil
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
@@ -86,19 +85,15 @@ def page_blocks(page: str) -> list[Block]:
     return blocks
 
 
-def python_blocks(page: str) -> list[str]:
-    """The code of the ```python blocks of a docs page (relative to `docs/`) that
-    run, in order."""
-    return [b.code for b in page_blocks(f"docs/{page}") if b.skip is None]
-
-
 def run_page(page: str, namespace: dict) -> int:
     """Run a page's blocks in order in `namespace`; the number run. Tracebacks name
     the page and the line of the Markdown file."""
     blocks = [b for b in page_blocks(page) if b.skip is None]
-    for block in blocks:
-        source = "\n" * (block.line - 1) + block.code
-        exec(compile(source, page, "exec"), namespace)
+    promotion = "standard" if page in USER_PROMOTION else "strict"
+    with jax.numpy_dtype_promotion(promotion):
+        for block in blocks:
+            source = "\n" * (block.line - 1) + block.code
+            exec(compile(source, page, "exec"), namespace)
     return len(blocks)
 
 
@@ -127,23 +122,6 @@ def trained_run(corpus, tmp_path_factory):
 def _readme(request) -> dict:
     write_llama_checkpoint("path/to/checkpoint", **TINY_LLAMA)
     return {}
-
-
-def _index(request) -> dict:
-    # "MTP on your own trunk": a researcher's block, trunk (an embedding lookup),
-    # matrices and per-vector norm, for the quick start's `tokens` ([8, 128], bytes).
-    dim, vocab = 16, eqx_mtp.train.BYTE_VOCAB_SIZE
-    keys = jax.random.split(jax.random.key(0), 3)
-    my_embedding = jax.random.normal(keys[0], (vocab, dim))
-    return dict(
-        dim=dim,
-        key=keys[1],
-        MyBlock=lambda *, key: eqx_mtp.nn.MLPBlock(dim, 32, key=key),
-        my_trunk=lambda row: my_embedding[row],
-        my_embedding=my_embedding,
-        my_unembedding=jax.random.normal(keys[2], (vocab, dim)),
-        my_final_norm=eqx.nn.RMSNorm(dim),
-    )
 
 
 def _distributed(request) -> dict:
@@ -182,20 +160,22 @@ def _weights(request) -> dict:
 
 SETUP = {
     "README.md": _readme,
-    "docs/index.md": _index,
     "docs/distributed.md": _distributed,
     "docs/decoding.md": _run_named("runs/a"),
     "docs/training.md": _run_named("runs/20261123-120000"),
     "docs/weights.md": _weights,
 }
 # Pages with a test of their own below, which runs them and checks what they print.
-# (docs/api/checkpoints.md: tests/test_own_loop.py)
+# (docs/preemption.md: tests/test_own_loop.py)
 OWN_TEST = {
     "docs/weights.md",
     "docs/own_trunk.md",
-    "docs/api/checkpoints.md",
-    "docs/getting_started.md",
+    "docs/preemption.md",
 } | set(PRINTS_SHOWN)
+# Pages written as a user's script with optax, whose AdamW mixes its int32 step count
+# with Python floats: they run under JAX's default dtype promotion, as a user's script
+# does, not the suite's strict one.
+USER_PROMOTION = {"docs/getting_started.md", "docs/own_trunk.md"}
 
 
 @pytest.fixture
@@ -254,38 +234,18 @@ def test_page_prints_what_it_shows(page, page_namespace, capsys):
         assert block in printed, f"{page} shows\n{block}but printed\n{printed}"
 
 
-def test_getting_started_page_runs(capsys):
-    """MTP added to a user's own trunk with `mtp_depth_losses`, trained with optax:
-    the loss falls."""
-    namespace: dict = {}
-    # A user's script: JAX's default promotion (optax mixes int32 and Python floats).
-    with jax.numpy_dtype_promotion("standard"):
-        for block in python_blocks("getting_started.md"):
-            exec(compile(block, "docs/getting_started.md", "exec"), namespace)
-    losses = namespace["losses"]
-    assert all(map(math.isfinite, losses))
-    # The rows count upwards, so every depth's target is learnable: a depth scan
-    # that read the wrong embedding or target would not reach a small loss.
-    assert losses[-1] < 0.25 * losses[0]
-    assert namespace["depth_losses"].shape == (2,)
-    assert "depths now" in capsys.readouterr().out
-
-
 def test_own_trunk_page_runs(capsys):
     """The page's user transformer, two depths of its own block, the one call,
     `reduce_losses` and an optax step: run as written, they train."""
-    blocks = python_blocks("own_trunk.md")
-    assert len(blocks) >= 4
     namespace: dict = {}
-    # JAX's default promotion, as in a user's script: optax's AdamW mixes its int32
-    # step count with Python floats, which the suite's strict promotion refuses.
-    with jax.numpy_dtype_promotion("standard"):
-        for block in blocks:
-            exec(compile(block, "docs/own_trunk.md", "exec"), namespace)
+    assert run_page("docs/own_trunk.md", namespace) >= 4
     losses = namespace["losses"]
-    assert len(losses) == 5 and all(map(math.isfinite, losses))
-    # Five steps on one batch fit it: a step that did not update the model (or
-    # followed a gradient of the wrong sign) would not lower the loss.
-    assert losses[-1] < losses[0]
-    assert namespace["aux"]["depth_losses"].shape == (3,)
+    assert len(losses) == 30 and all(map(math.isfinite, losses))
+    first, last = namespace["depth_losses"][0], namespace["depth_losses"][-1]
+    assert first.shape == last.shape == (3,)  # the main objective and two depths
+    # The rows count upwards, so every depth's target is learnable: a step that did
+    # not update the depths, or a depth scan that read the wrong embedding, hidden
+    # state or target, would leave its loss near log(vocab), not at a quarter of it.
+    for k in range(3):
+        assert last[k] < 0.25 * first[k], (k, first, last)
     assert "per-depth losses:" in capsys.readouterr().out

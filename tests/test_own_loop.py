@@ -369,16 +369,16 @@ def test_train_step_twice_on_one_batch(tmp_path):
 
 
 def test_checkpoints_page_runs(tmp_path, monkeypatch):
-    """The own-loop example of docs/api/checkpoints.md runs as written. Bug caught:
+    """The own-loop example of docs/preemption.md runs as written. Bug caught:
     a page whose example no longer runs (a renamed argument, a config layout or a
     step directory that `load_checkpoint` refuses)."""
     monkeypatch.chdir(tmp_path)
-    text = (TESTS.parent / "docs" / "api" / "checkpoints.md").read_text()
+    text = (TESTS.parent / "docs" / "preemption.md").read_text()
     blocks = re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.M)
     assert len(blocks) == 2
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, "docs/api/checkpoints.md", "exec"), namespace)
+        exec(compile(block, "docs/preemption.md", "exec"), namespace)
     assert namespace["step"] == 3
     assert namespace["stored"] == {"width": 32}
     _assert_bit_exact(namespace["newest"], namespace["model"])
