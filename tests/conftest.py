@@ -1,8 +1,20 @@
 import gc
 import os
+import shutil
+import tempfile
 
 # Before JAX is imported anywhere: 8 simulated CPU devices for the multi-device tests.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the whole run, made by the first process that
+# loads this file (pytest's controller) and inherited by its xdist workers and by every
+# job the tests start as a subprocess: the jobs compile the same train step again and
+# again. Compiled programs are keyed by their HLO and JAX's version, so a hit is the
+# same program.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="eqx_mtp_xla_")
+    os.environ["EQX_MTP_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -48,3 +60,8 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("EQX_MTP_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
