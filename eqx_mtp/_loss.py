@@ -34,14 +34,19 @@ from ._precision import in_compute_dtype
 from ._schedule import MTPWeight
 
 
-def model_batch(
-    model: MTPModel, tokens, *, segment_ids, positions, loss_mask, mesh
-) -> PackedBatch:
-    """The record of a batch for `model`, checked: a `ValueError`/`TypeError` naming
-    the argument when the arrays are not a batch (see `PackedBatch.of`) or do not fit
-    `model` (the sequence length against the depths and `max_seq_len`) or `mesh`
-    (rows over `data`, the sequence over `context`). `tokens` may be a `PackedBatch`
-    already."""
+def check_batch(
+    model: MTPModel,
+    tokens,
+    *,
+    segment_ids=None,
+    positions=None,
+    loss_mask=None,
+    mesh=None,
+) -> None:
+    """Raise a `ValueError`/`TypeError` naming the argument when a batch is not one
+    (see `PackedBatch.of`; `tokens` may be a `PackedBatch`, checked already) or does
+    not fit `model` (the sequence length against the depths and `max_seq_len`) or
+    `mesh` (rows over `data`, the sequence over `context`)."""
     if not isinstance(model, MTPModel):
         raise TypeError(f"model must be an eqx_mtp.MTPModel, got {type(model)}")
     # Messages without the function's name: mtp_loss and mtp_loss_sums share them.
@@ -50,9 +55,8 @@ def model_batch(
     )
     if batch is None:
         check_rows(tokens, segment_ids=segment_ids, positions=positions, mask=loss_mask)
-        batch = PackedBatch.unchecked(tokens, segment_ids, positions, loss_mask)
     config = model.config
-    seq_len = batch.shape[1]
+    seq_len = tokens.shape[-1]
     if seq_len > config.max_seq_len:
         raise ValueError(
             f"tokens: seq_len={seq_len} exceeds the model's max_seq_len="
@@ -66,8 +70,18 @@ def model_batch(
         )
     if mesh is not None:
         check_mesh(mesh)
-        check_batch_fits_mesh(mesh, batch.shape, name="tokens")
-    return batch
+        check_batch_fits_mesh(mesh, tokens.shape, name="tokens")
+
+
+def model_batch(
+    model: MTPModel, tokens, *, segment_ids, positions, loss_mask, mesh
+) -> PackedBatch:
+    """`check_batch`, then the batch's record (`tokens` itself when it is one)."""
+    rows = dict(segment_ids=segment_ids, positions=positions, loss_mask=loss_mask)
+    check_batch(model, tokens, mesh=mesh, **rows)
+    if isinstance(tokens, PackedBatch):
+        return tokens
+    return PackedBatch.unchecked(tokens, **rows)
 
 
 def mtp_loss_sums(

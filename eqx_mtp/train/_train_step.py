@@ -12,8 +12,9 @@ import optax
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from .._batch import PackedBatch
 from .._loss import (
-    model_batch,
+    check_batch,
     model_loss_sums,
     mtp_loss_sums,
     weighted_path_applies,
@@ -188,15 +189,23 @@ def accumulated_loss_and_grad(
     if mesh is not None:
         check_batch_fits_mesh(mesh, tokens.shape, name="batch['tokens']")
     objective = Objective(mtp_weight, reduction, depth_weights)
-    # The micro-batches' records are built once, on the rows of all of them.
-    rows = {
-        name: None if batch.get(name) is None else _flat(batch[name])
-        for name in ("segment_ids", "positions", "loss_mask")
-    }
-    flat = model_batch(model, _flat(tokens), mesh=mesh, **rows)
-    token_counts = flat.valid_token_counts(model.config.num_depths)
+    rows = {name: batch.get(name) for name in ("segment_ids", "positions", "loss_mask")}
+    # Checked on all the rows at once (a reshape that nothing computes from); the
+    # records are built per micro-batch, so no array changes its layout.
+    check_batch(
+        model,
+        _flat(tokens),
+        mesh=mesh,
+        **{name: None if x is None else _flat(x) for name, x in rows.items()},
+    )
+    micro_batches = jax.vmap(PackedBatch.unchecked)(tokens, *rows.values())
+    token_counts = jnp.sum(
+        jax.vmap(lambda b: b.valid_token_counts(model.config.num_depths))(
+            micro_batches
+        ),
+        axis=0,
+    )
     coefficients = objective.coefficients(token_counts, step)
-    micro_batches = jax.tree.map(lambda x: x.reshape(tokens.shape), flat)
     micro_keys = None if key is None else jax.random.split(key, tokens.shape[0])
     surrogate = _surrogate(loss_sums_fn, coefficients, model, mesh)
     grad_fn = eqx.filter_grad(surrogate, has_aux=True)
@@ -288,15 +297,8 @@ def train_step(
         mtp_weight = np.asarray(mtp_weight, np.float32)
     if step is not None and not eqx.is_array(step):
         step = np.asarray(step, np.int32)
-    options = dict(
-        mtp_weight=mtp_weight,
-        reduction=reduction,
-        depth_weights=depth_weights,
-        step=step,
-        mesh=mesh,
-        key=key,
-    )
-    kept = (optimizer, batch, options, rules)
+    options = dict(depth_weights=depth_weights, step=step, key=key)
+    kept = (optimizer, batch, mtp_weight, reduction, mesh, rules, options)
     return _donating_train_step(kept, model, opt_state)
 
 
@@ -305,9 +307,15 @@ def train_step(
 # XLA could not reuse its buffers.
 @eqx.filter_jit(donate="all-except-first")
 def _donating_train_step(kept, model, opt_state):
-    optimizer, batch, options, rules = kept
-    mesh = options["mesh"]
-    loss, aux, grads = accumulated_loss_and_grad(model, batch, **options)
+    optimizer, batch, mtp_weight, reduction, mesh, rules, *options = kept
+    loss, aux, grads = accumulated_loss_and_grad(
+        model,
+        batch,
+        mtp_weight=mtp_weight,
+        reduction=reduction,
+        mesh=mesh,
+        **(options[0] if options else {}),
+    )
     if mesh is not None:
         grads = shard_tree(grads, mesh, rules=rules)
     params = eqx.filter(model, eqx.is_array)
