@@ -180,33 +180,11 @@ def accumulated_loss_and_grad(
 
     `(loss, aux, grads)` with `aux` as [`eqx_mtp.reduce_losses`][] returns it.
     """
-    tokens = batch["tokens"]
-    if getattr(tokens, "ndim", None) != 3:
-        raise ValueError(
-            "batch['tokens'] must have shape [micro_batches, rows, seq], got shape "
-            f"{getattr(tokens, 'shape', None)}"
-        )
-    if mesh is not None:
-        check_batch_fits_mesh(mesh, tokens.shape, name="batch['tokens']")
+    micro_batches, token_counts = _micro_batches(model, batch, mesh)
     objective = Objective(mtp_weight, reduction, depth_weights)
-    rows = {name: batch.get(name) for name in ("segment_ids", "positions", "loss_mask")}
-    # Checked on all the rows at once (a reshape that nothing computes from); the
-    # records are built per micro-batch, so no array changes its layout.
-    check_batch(
-        model,
-        _flat(tokens),
-        mesh=mesh,
-        **{name: None if x is None else _flat(x) for name, x in rows.items()},
-    )
-    micro_batches = jax.vmap(PackedBatch.unchecked)(tokens, *rows.values())
-    token_counts = jnp.sum(
-        jax.vmap(lambda b: b.valid_token_counts(model.config.num_depths))(
-            micro_batches
-        ),
-        axis=0,
-    )
     coefficients = objective.coefficients(token_counts, step)
-    micro_keys = None if key is None else jax.random.split(key, tokens.shape[0])
+    num_micro = batch["tokens"].shape[0]
+    micro_keys = None if key is None else jax.random.split(key, num_micro)
     surrogate = _surrogate(loss_sums_fn, coefficients, model, mesh)
     grad_fn = eqx.filter_grad(surrogate, has_aux=True)
     params, static = eqx.partition(model, eqx.is_array)
@@ -224,6 +202,33 @@ def accumulated_loss_and_grad(
     )
     loss, aux = objective.reduce(loss_sums, token_counts, step)
     return loss, aux, grads
+
+
+def _micro_batches(model, batch, mesh) -> tuple[PackedBatch, Array]:
+    """The checked records of the micro-batches (each array `[micro_batches, …]`)
+    and the token counts of them all."""
+    tokens = batch["tokens"]
+    if getattr(tokens, "ndim", None) != 3:
+        raise ValueError(
+            "batch['tokens'] must have shape [micro_batches, rows, seq], got shape "
+            f"{getattr(tokens, 'shape', None)}"
+        )
+    if mesh is not None:
+        check_batch_fits_mesh(mesh, tokens.shape, name="batch['tokens']")
+    rows = {name: batch.get(name) for name in ("segment_ids", "positions", "loss_mask")}
+    # Checked on all the rows at once (a reshape that nothing computes from); the
+    # records are built per micro-batch, so no array changes its layout.
+    check_batch(
+        model,
+        _flat(tokens),
+        mesh=mesh,
+        **{name: None if x is None else _flat(x) for name, x in rows.items()},
+    )
+    micro_batches = jax.vmap(PackedBatch.unchecked)(tokens, *rows.values())
+    counts = jax.vmap(lambda b: b.valid_token_counts(model.config.num_depths))(
+        micro_batches
+    )
+    return micro_batches, jnp.sum(counts, axis=0)
 
 
 def _flat(x: Array) -> Array:
