@@ -9,6 +9,7 @@ demand: `import eqx_mtp` loads no orbax, grain, tqdm or matplotlib).
 import importlib.metadata
 
 from . import interop as interop, nn as nn
+from ._batch import PackedBatch as PackedBatch
 from ._config import ModelConfig as ModelConfig
 from ._cross_entropy import head_loss_sum as head_loss_sum
 from ._decode import (

@@ -7,7 +7,7 @@ import jax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._config import ModelConfig
-from ._mtp import LinearBlock, MLPBlock, MTPDepths
+from ._depths import LinearBlock, MLPBlock, MTPDepths
 from ._precision import in_compute_dtype
 from ._transformer import Transformer, TransformerBlock
 

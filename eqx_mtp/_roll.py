@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Int, Shaped
 
+from ._batch import shift_within_documents
 from ._checks import Shapes, check_integer, check_segment_ids
 from ._documents import number_documents
 
@@ -45,16 +45,3 @@ def roll_and_mask(
         check_segment_ids("roll_and_mask", "segment_ids", segment_ids)
         documents = number_documents(segment_ids)
     return shift_within_documents(x, shift, documents)
-
-
-def shift_within_documents(x, shift, documents=None):
-    """`roll_and_mask` without its checks, on ids that are document numbers already
-    (equal ids: one document)."""
-    seq_len = x.shape[1]
-    source = jnp.arange(seq_len) - shift
-    keep = ((source >= 0) & (source < seq_len))[None, :]
-    if documents is not None:
-        source_document = jnp.roll(documents, shift, axis=1)
-        keep = keep & (source_document == documents) & (source_document != 0)
-    keep = keep.reshape(keep.shape + (1,) * (x.ndim - 2))
-    return jnp.where(keep, jnp.roll(x, shift, axis=1), jnp.zeros((), x.dtype))

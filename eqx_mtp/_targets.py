@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Int
 
+from ._batch import PackedBatch, given_batch, positions_in_runs
 from ._checks import (
     Shapes,
     check_ids,
@@ -13,19 +12,22 @@ from ._checks import (
     check_segment_ids,
     check_token_arrays,
 )
-from ._documents import number_documents
-from ._roll import shift_within_documents
 
 
-def _check_tokens(fn: str, tokens, *, segment_ids=None, loss_mask=None) -> None:
+def _batch(fn: str, tokens, *, segment_ids=None, loss_mask=None) -> PackedBatch:
+    """`tokens` when it is a `PackedBatch`, else the record of the checked arrays."""
+    batch = given_batch(fn, tokens, segment_ids=segment_ids, loss_mask=loss_mask)
+    if batch is not None:
+        return batch
     shapes = Shapes(fn)
     shapes.check("tokens", tokens, "batch seq")
     check_ids(fn, "tokens", tokens)
     check_token_arrays(shapes, segment_ids=segment_ids, loss_mask=loss_mask)
+    return PackedBatch.unchecked(tokens, segment_ids, loss_mask=loss_mask)
 
 
 def depth_targets(
-    tokens: Int[Array, "batch seq"],
+    tokens: Int[Array, "batch seq"] | PackedBatch,
     depth: int | Int[ArrayLike, ""],
     *,
     segment_ids: Int[Array, "batch seq"] | None = None,
@@ -44,7 +46,8 @@ def depth_targets(
 
     **Arguments:**
 
-    - `tokens`: `[batch, seq]` token ids.
+    - `tokens`: `[batch, seq]` token ids, or a [`eqx_mtp.PackedBatch`][] (then
+        without `segment_ids` and `loss_mask`).
     - `depth`: the depth `k >= 0`; may be a traced integer.
     - `segment_ids`: optional `[batch, seq]` segment ids of packed rows: `0` for
         padding, a positive id for a document (negative ids are an error). Absent,
@@ -56,27 +59,16 @@ def depth_targets(
 
     `(targets, valid)`: the target ids (zero where invalid) and the boolean validity.
     """
-    _check_tokens("depth_targets", tokens, segment_ids=segment_ids, loss_mask=loss_mask)
-    check_integer("depth_targets", "depth", depth, minimum=0)
-    documents = None if segment_ids is None else number_documents(segment_ids)
-    return targets_of_depth(tokens, depth, documents=documents, loss_mask=loss_mask)
-
-
-def targets_of_depth(tokens, depth, *, documents=None, loss_mask=None):
-    """`depth_targets` without its checks, on ids that are document numbers already
-    (equal ids: one document)."""
-    shift = -(depth + 1)
-    if documents is None:
-        documents = jnp.ones(tokens.shape, jnp.int32)
-    can_be_target = (
-        jnp.ones(tokens.shape, jnp.bool_) if loss_mask is None else loss_mask
+    batch = _batch(
+        "depth_targets", tokens, segment_ids=segment_ids, loss_mask=loss_mask
     )
-    valid = shift_within_documents(can_be_target, shift, documents)
-    targets = jnp.where(valid, jnp.roll(tokens, shift, axis=1), 0)
-    return targets, valid
+    check_integer("depth_targets", "depth", depth, minimum=0)
+    return batch.targets(depth)
 
 
-def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch seq"]:
+def segment_positions(
+    segment_ids: Int[Array, "batch seq"] | PackedBatch,
+) -> Int[Array, "batch seq"]:
     """Positions that restart at 0 wherever the segment id changes along a row: at
     the start of every document (a maximal run of one non-zero id, see
     [`eqx_mtp.document_ids`][]) and of every run of padding.
@@ -84,30 +76,23 @@ def segment_positions(segment_ids: Int[Array, "batch seq"]) -> Int[Array, "batch
     **Arguments:**
 
     - `segment_ids`: `[batch, seq]` segment ids of packed rows (`0` = padding; a
-        negative id is an error).
+        negative id is an error), or a [`eqx_mtp.PackedBatch`][], whose documents
+        are taken.
 
     **Returns:**
 
     `[batch, seq]` int32 positions: the distance of each token from the first token of
     its run of equal segment ids.
     """
+    if isinstance(segment_ids, PackedBatch):
+        return positions_in_runs(segment_ids.documents)
     Shapes("segment_positions").check("segment_ids", segment_ids, "batch seq")
     check_segment_ids("segment_positions", "segment_ids", segment_ids)
-    seq_len = segment_ids.shape[1]
-    index = jnp.arange(seq_len, dtype=jnp.int32)[None, :]
-    starts = jnp.concatenate(
-        [
-            jnp.ones(segment_ids.shape[:1] + (1,), jnp.bool_),
-            segment_ids[:, 1:] != segment_ids[:, :-1],
-        ],
-        axis=1,
-    )
-    start_index = jnp.maximum.accumulate(jnp.where(starts, index, 0), axis=1)
-    return index - start_index
+    return positions_in_runs(segment_ids)
 
 
 def valid_token_counts(
-    tokens: Int[Array, "batch seq"],
+    tokens: Int[Array, "batch seq"] | PackedBatch,
     num_depths: int,
     *,
     segment_ids: Int[Array, "batch seq"] | None = None,
@@ -117,8 +102,9 @@ def valid_token_counts(
     model: the `token_counts` that [`eqx_mtp.mtp_loss_sums`][] will return for this
     batch. Known before the forward pass, so a loss built from globally reduced
     counts can be differentiated one micro-batch at a time. `segment_ids` and
-    `loss_mask` are as for [`eqx_mtp.depth_targets`][]."""
-    _check_tokens(
+    `loss_mask` are as for [`eqx_mtp.depth_targets`][]; `tokens` may be a
+    [`eqx_mtp.PackedBatch`][] (then without them)."""
+    batch = _batch(
         "valid_token_counts", tokens, segment_ids=segment_ids, loss_mask=loss_mask
     )
     if isinstance(num_depths, bool) or not isinstance(num_depths, int):
@@ -130,13 +116,4 @@ def valid_token_counts(
         raise ValueError(
             f"valid_token_counts: num_depths must be >= 0, got {num_depths}"
         )
-
-    documents = None if segment_ids is None else number_documents(segment_ids)
-
-    def count(depth):
-        _, valid = targets_of_depth(
-            tokens, depth, documents=documents, loss_mask=loss_mask
-        )
-        return jnp.sum(valid, dtype=jnp.int32)
-
-    return jax.vmap(count)(jnp.arange(num_depths + 1, dtype=jnp.int32))
+    return batch.valid_token_counts(num_depths)

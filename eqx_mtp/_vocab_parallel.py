@@ -117,19 +117,16 @@ def _local_loss(h, w, t, valid, *, chunk, vocab_size, with_grads):
     return total, log_normalizers, grad_h, grad_w
 
 
-def _local_recomputed_grads(
-    h, w, t, valid, log_normalizers, cotangent, *, chunk, vocab_size
-):
-    """Per device: the gradients of `cotangent · loss_sum`, recomputing each chunk's
+def _local_recomputed_grads(h, w, t, scales, log_normalizers, *, chunk, vocab_size):
+    """Per device: the gradients of `Σ_i scales[i] · loss_i` (`scales` the sum's
+    cotangent where a token counts, exactly zero elsewhere), recomputing each chunk's
     logits from the saved log-normalisers."""
     rows, seq, dim = h.shape
     dtype = _common_dtype(h, w)
     hidden_dtype, unembed_dtype = h.dtype, w.dtype
-    h, t, valid = _flat(h.astype(dtype), t, valid)
+    h, t, scales = _flat(h.astype(dtype), t, scales)
     w = w.astype(dtype)
     columns, real = _local_columns(w, vocab_size)
-    # Masked tokens get an exactly zero logits gradient.
-    scales = jnp.where(valid, cotangent.astype(jnp.float32), 0.0)
 
     def body(grad_w, xs):
         hc, tc, scale, log_normalizer = xs
@@ -224,10 +221,12 @@ def _recomputed_fwd(hidden, w, targets, where, mesh, chunk, vocab_size):
 
 def _recomputed_bwd(mesh, chunk, vocab_size, residuals, cotangent):
     hidden, w, targets, where, log_normalizers = residuals
+    # Masked tokens get an exactly zero logits gradient.
+    scales = jnp.where(where, cotangent.astype(jnp.float32), 0.0)
     fn = functools.partial(_local_recomputed_grads, chunk=chunk, vocab_size=vocab_size)
-    grad_h, grad_w = _shard_mapped(
-        fn, mesh, (*_LOSS_IN, _TOKENS, _SCALAR), (_HIDDEN, _VOCAB)
-    )(hidden, w, targets, where, log_normalizers, cotangent)
+    grad_h, grad_w = _shard_mapped(fn, mesh, (*_LOSS_IN, _TOKENS), (_HIDDEN, _VOCAB))(
+        hidden, w, targets, scales, log_normalizers
+    )
     return grad_h, grad_w, None, None
 
 

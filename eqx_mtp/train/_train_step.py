@@ -10,20 +10,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from .._batch import PackedBatch
 from .._loss import (
-    Reduction,
-    loss_coefficients,
+    check_batch,
+    model_loss_sums,
     mtp_loss_sums,
-    reduce_losses,
-    weighted_loss_sums,
     weighted_path_applies,
 )
 from .._mesh import check_batch_fits_mesh
 from .._model import MTPModel
+from .._objective import DepthWeights, Objective, Reduction
+from .._schedule import MTPWeight
 from .._sharding import DEFAULT_RULES, ShardingRule, shard_tree
-from .._targets import valid_token_counts
 
 _NO_DECAY_NAMES = ("embedding", "unembedding")
 
@@ -137,10 +137,13 @@ def accumulated_loss_and_grad(
     model: MTPModel,
     batch: dict[str, Int[Array, "micro batch seq"] | Bool[Array, "micro batch seq"]],
     *,
-    mtp_weight: float | Float[Array, ""],
+    mtp_weight: MTPWeight,
     reduction: Reduction = "mean",
     loss_sums_fn: Callable = mtp_loss_sums,
     mesh: Mesh | None = None,
+    depth_weights: DepthWeights | None = None,
+    step: int | Int[ArrayLike, ""] | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array], PyTree]:
     """Loss and gradient of a batch split into micro-batches, equal to those of the
     whole batch at once.
@@ -155,22 +158,55 @@ def accumulated_loss_and_grad(
     - `model`: the model.
     - `batch`: `tokens` and optional `segment_ids`, `positions`, `loss_mask`, each
         `[micro_batches, rows, seq]`.
-    - `mtp_weight`, `reduction`: as for [`eqx_mtp.reduce_losses`][].
+    - `mtp_weight`, `reduction`, `depth_weights`, `step`: as for
+        [`eqx_mtp.reduce_losses`][] (`step` evaluates a schedule `mtp_weight`).
     - `loss_sums_fn`: `(model, tokens, *, segment_ids, positions, loss_mask) ->
         (loss_sums, token_counts)`, by default [`eqx_mtp.mtp_loss_sums`][]; it also
-        gets `mesh=` when a mesh is given. The default with the fused loss and no
-        mesh computes the same sums with the `c_k` known in its forward pass, so
-        the unembedding's gradient is accumulated there in one `[vocab, dim]` array
-        for the main head and all depths (see [`eqx_mtp.mtp_loss`][]).
+        gets `mesh=` when a mesh is given and `key=` when a key is. The default with
+        the fused loss and no mesh computes the same sums with the `c_k` known in its
+        forward pass, so the unembedding's gradient is accumulated there in one
+        `[vocab, dim]` array for the main head and all depths (see
+        [`eqx_mtp.mtp_loss`][]).
     - `mesh`: optional mesh from [`eqx_mtp.make_mesh`][]: every micro-batch is laid
         out rows over `data` and sequence over `context` and its loss computed as
         [`eqx_mtp.mtp_loss_sums`][] does on a mesh. The counts are global before the
         first micro-batch, so the result is the same on any mesh.
+    - `key`: optional PRNG key for randomness in the depths' layers (e.g. dropout),
+        split into one key per micro-batch (`jax.random.split(key, micro_batches)`),
+        each used as [`eqx_mtp.mtp_loss_sums`][] uses its `key`. `None` is
+        deterministic.
 
     **Returns:**
 
     `(loss, aux, grads)` with `aux` as [`eqx_mtp.reduce_losses`][] returns it.
     """
+    micro_batches, token_counts = _micro_batches(model, batch, mesh)
+    objective = Objective(mtp_weight, reduction, depth_weights)
+    coefficients = objective.coefficients(token_counts, step)
+    num_micro = batch["tokens"].shape[0]
+    micro_keys = None if key is None else jax.random.split(key, num_micro)
+    surrogate = _surrogate(loss_sums_fn, coefficients, model, mesh)
+    grad_fn = eqx.filter_grad(surrogate, has_aux=True)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def accumulate(carry, xs):
+        grads_sum, sums_sum = carry
+        grads, sums = grad_fn(eqx.combine(params, static), *xs)
+        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+        return (grads_sum, sums_sum + sums), None
+
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    zero_sums = jnp.zeros(model.config.num_depths + 1, jnp.float32)
+    (grads, loss_sums), _ = jax.lax.scan(
+        accumulate, (zero_grads, zero_sums), (micro_batches, micro_keys)
+    )
+    loss, aux = objective.reduce(loss_sums, token_counts, step)
+    return loss, aux, grads
+
+
+def _micro_batches(model, batch, mesh) -> tuple[PackedBatch, Array]:
+    """The checked records of the micro-batches (each array `[micro_batches, …]`)
+    and the token counts of them all."""
     tokens = batch["tokens"]
     if getattr(tokens, "ndim", None) != 3:
         raise ValueError(
@@ -179,67 +215,57 @@ def accumulated_loss_and_grad(
         )
     if mesh is not None:
         check_batch_fits_mesh(mesh, tokens.shape, name="batch['tokens']")
-    segment_ids = batch.get("segment_ids")
-    loss_mask = batch.get("loss_mask")
-    num_depths = model.config.num_depths
-    flat = lambda x: None if x is None else x.reshape(-1, x.shape[-1])  # noqa: E731
-    token_counts = valid_token_counts(
-        flat(tokens),
-        num_depths,
-        segment_ids=flat(segment_ids),
-        loss_mask=flat(loss_mask),
+    rows = {name: batch.get(name) for name in ("segment_ids", "positions", "loss_mask")}
+    # Checked on all the rows at once (a reshape that nothing computes from); the
+    # records are built per micro-batch, so no array changes its layout.
+    check_batch(
+        model,
+        _flat(tokens),
+        mesh=mesh,
+        **{name: None if x is None else _flat(x) for name, x in rows.items()},
     )
-    coefficients = loss_coefficients(
-        token_counts, mtp_weight=mtp_weight, reduction=reduction
+    micro_batches = jax.vmap(PackedBatch.unchecked)(tokens, *rows.values())
+    counts = jax.vmap(lambda b: b.valid_token_counts(model.config.num_depths))(
+        micro_batches
     )
+    return micro_batches, jnp.sum(counts, axis=0)
 
-    mesh_kwargs = {} if mesh is None else dict(mesh=mesh)
-    # The library's own sums take the weighted path where it applies: the
-    # unembedding's gradient is accumulated in the forward pass, once for all depths.
-    weighted = loss_sums_fn is mtp_loss_sums and weighted_path_applies(
-        model.config, mesh
-    )
 
-    def surrogate(m, micro):
-        if weighted:
-            total, sums, _ = weighted_loss_sums(
-                m,
-                micro["tokens"],
-                sum_weights=coefficients,
-                segment_ids=micro.get("segment_ids"),
-                positions=micro.get("positions"),
-                loss_mask=micro.get("loss_mask"),
-            )
+def _flat(x: Array) -> Array:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _surrogate(loss_sums_fn, coefficients, model, mesh):
+    """`(model, micro_batch, key) -> (Σ_k c_k S_k, loss_sums)`, whose gradient is the
+    micro-batch's share of the loss's."""
+    if loss_sums_fn is mtp_loss_sums and weighted_path_applies(model.config, mesh):
+        # The library's own sums take the weighted path where it applies: the
+        # unembedding's gradient is accumulated in the forward pass, once for all
+        # depths.
+        def weighted(m, micro, key):
+            total, sums, _ = model_loss_sums(m, micro, None, key, coefficients)
             return total, jax.lax.stop_gradient(sums)
-        sums, _ = loss_sums_fn(
-            m,
-            micro["tokens"],
-            segment_ids=micro.get("segment_ids"),
-            positions=micro.get("positions"),
-            loss_mask=micro.get("loss_mask"),
-            **mesh_kwargs,
-        )
+
+        return weighted
+
+    def surrogate(m, micro, key):
+        if loss_sums_fn is mtp_loss_sums:
+            sums, _ = model_loss_sums(m, micro, mesh, key)
+        else:
+            options = {} if mesh is None else dict(mesh=mesh)
+            if key is not None:
+                options["key"] = key
+            sums, _ = loss_sums_fn(
+                m,
+                micro.tokens,
+                segment_ids=micro.documents,
+                positions=micro.positions,
+                loss_mask=micro.loss_mask,
+                **options,
+            )
         return jnp.dot(coefficients, sums), sums
 
-    grad_fn = eqx.filter_grad(surrogate, has_aux=True)
-    params, static = eqx.partition(model, eqx.is_array)
-
-    def accumulate(carry, micro):
-        grads_sum, sums_sum = carry
-        grads, sums = grad_fn(eqx.combine(params, static), micro)
-        grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
-        return (grads_sum, sums_sum + sums), None
-
-    zero_grads = jax.tree.map(jnp.zeros_like, params)
-    zero_sums = jnp.zeros(num_depths + 1, jnp.float32)
-    micro_batches = {k: v for k, v in batch.items() if v is not None}
-    (grads, loss_sums), _ = jax.lax.scan(
-        accumulate, (zero_grads, zero_sums), micro_batches
-    )
-    loss, aux = reduce_losses(
-        loss_sums, token_counts, mtp_weight=mtp_weight, reduction=reduction
-    )
-    return loss, aux, grads
+    return surrogate
 
 
 def train_step(
@@ -247,10 +273,14 @@ def train_step(
     model: MTPModel,
     opt_state: PyTree,
     batch: dict[str, Array],
-    mtp_weight: Float[ArrayLike, ""],
+    mtp_weight: MTPWeight,
     reduction: Reduction = "mean",
     mesh: Mesh | None = None,
     rules: tuple[ShardingRule, ...] = DEFAULT_RULES,
+    *,
+    depth_weights: DepthWeights | None = None,
+    step: int | Int[ArrayLike, ""] | None = None,
+    key: PRNGKeyArray | None = None,
 ) -> tuple[MTPModel, PyTree, dict[str, Array]]:
     """One optimizer step on a `[micro_batches, rows, seq]` batch; returns the new
     model, optimizer state and the loss metrics (with the gradient's global norm).
@@ -262,11 +292,18 @@ def train_step(
     parameters and the new optimizer state are laid out by `rules`
     ([`eqx_mtp.partition_specs`][]), as the model and state passed in should be
     ([`eqx_mtp.shard_tree`][]).
+
+    `mtp_weight` (λ, or a schedule of `step`), `reduction`, `depth_weights`, `step`
+    and the dropout `key` are those of [`eqx_mtp.mtp_loss`][]; the key is split per
+    micro-batch (see [`eqx_mtp.train.accumulated_loss_and_grad`][]).
     """
-    if not eqx.is_array(mtp_weight):
+    if not (eqx.is_array(mtp_weight) or callable(mtp_weight)):
         # A Python float would be static under `jit`: one program per value.
         mtp_weight = np.asarray(mtp_weight, np.float32)
-    kept = (optimizer, batch, mtp_weight, reduction, mesh, rules)
+    if step is not None and not eqx.is_array(step):
+        step = np.asarray(step, np.int32)
+    options = dict(depth_weights=depth_weights, step=step, key=key)
+    kept = (optimizer, batch, mtp_weight, reduction, mesh, rules, options)
     return _donating_train_step(kept, model, opt_state)
 
 
@@ -275,9 +312,14 @@ def train_step(
 # XLA could not reuse its buffers.
 @eqx.filter_jit(donate="all-except-first")
 def _donating_train_step(kept, model, opt_state):
-    optimizer, batch, mtp_weight, reduction, mesh, rules = kept
+    optimizer, batch, mtp_weight, reduction, mesh, rules, *options = kept
     loss, aux, grads = accumulated_loss_and_grad(
-        model, batch, mtp_weight=mtp_weight, reduction=reduction, mesh=mesh
+        model,
+        batch,
+        mtp_weight=mtp_weight,
+        reduction=reduction,
+        mesh=mesh,
+        **(options[0] if options else {}),
     )
     if mesh is not None:
         grads = shard_tree(grads, mesh, rules=rules)
