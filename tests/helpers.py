@@ -9,6 +9,9 @@ import subprocess
 import time
 
 import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 import eqx_mtp
 
@@ -107,3 +110,71 @@ def wait_all(processes, timeout: float) -> list[int]:
     """Exit codes of `processes`, waiting at most `timeout` seconds for them all."""
     deadline = time.monotonic() + timeout
     return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
+
+
+# -- Packed rows shared by the loss tests ---------------------------------------------
+
+VOCAB = 19
+"""The vocabulary of `tiny_config` and of the packed rows below."""
+
+SEGMENT_IDS = np.array(
+    [
+        [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0],
+        [1, 1, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2],
+    ],
+    np.int32,
+)
+"""Two packed rows: three documents and two, padding between and after them."""
+
+
+def packed_arrays(seed: int = 0, *, positions: str = "scrambled", masked=True):
+    """`(tokens, loss_mask, positions)` NumPy arrays for `SEGMENT_IDS`.
+
+    `positions="scrambled"`: random positions, which (unlike a per-document shift)
+    show which positions a function uses, since rotary attention only sees their
+    differences inside a document; `"documents"`: positions restarting at 0 in each
+    document. `masked`: also leave out one target inside a document of each row."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, SEGMENT_IDS.shape).astype(np.int32)
+    loss_mask = rng.random(SEGMENT_IDS.shape) < 0.8
+    if masked:
+        loss_mask[0, 3] = loss_mask[1, 9] = False
+    if positions == "scrambled":
+        positions = rng.integers(0, 16, SEGMENT_IDS.shape).astype(np.int32)
+    else:
+        positions = np.asarray(eqx_mtp.segment_positions(jnp.asarray(SEGMENT_IDS)))
+    return tokens, loss_mask, positions
+
+
+class ToyTrunk(eqx.Module):
+    """Not our transformer: an embedding, one `Linear` applied at every position, an
+    Equinox RMSNorm and an untied unembedding."""
+
+    embedding: jax.Array
+    proj: eqx.nn.Linear
+    norm: eqx.nn.RMSNorm
+    unembedding: jax.Array
+
+    def __init__(self, vocab, dim, *, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.embedding = jax.random.normal(k1, (vocab, dim)) / dim**0.5
+        self.proj = eqx.nn.Linear(dim, dim, key=k2)
+        self.norm = eqx.nn.RMSNorm(dim)
+        self.unembedding = jax.random.normal(k3, (vocab, dim)) / dim**0.5
+
+    def __call__(self, tokens):
+        x = self.embedding[tokens]
+        return x + jax.vmap(self.proj)(x)
+
+
+class ToyLayer(eqx.Module):
+    """A user's depth block: a per-position MLP with the block call signature of the
+    old contract (no `key` parameter)."""
+
+    mlp: eqx.nn.MLP
+
+    def __init__(self, dim, *, key):
+        self.mlp = eqx.nn.MLP(dim, dim, width_size=8, depth=1, key=key)
+
+    def __call__(self, x, *, positions, segment_ids):
+        return x + jax.vmap(self.mlp)(x)

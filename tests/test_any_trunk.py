@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config, tree_allclose
+from helpers import SEGMENT_IDS, VOCAB, packed_arrays, tiny_config, tree_allclose
 from reference import (
     jit_once,
     loop_depth_loss_sums,
@@ -23,24 +23,7 @@ from reference import (
 
 import eqx_mtp
 
-VOCAB, DIM, NUM_HEADS = 19, 16, 2
-# Packed rows: three documents, padding between and after them.
-SEGMENT_IDS = np.array(
-    [
-        [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2],
-    ],
-    np.int32,
-)
-
-
-def _batch(seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, SEGMENT_IDS.shape).astype(np.int32)
-    loss_mask = rng.random(SEGMENT_IDS.shape) < 0.8
-    loss_mask[0, 3] = loss_mask[1, 9] = False
-    positions = eqx_mtp.segment_positions(jnp.asarray(SEGMENT_IDS))
-    return tokens, loss_mask, np.asarray(positions)
+DIM, NUM_HEADS = 16, 2
 
 
 class Block(eqx.Module):
@@ -144,7 +127,7 @@ def test_equals_mtp_loss_sums_on_our_trunk():
         loss_chunk_size=5,
     )
     model = random_model(config)
-    tokens, loss_mask, _ = _batch()
+    tokens, loss_mask, _ = packed_arrays(positions="documents")
     batch = dict(segment_ids=jnp.asarray(SEGMENT_IDS), loss_mask=jnp.asarray(loss_mask))
     weights = _weights(config.num_depths + 1)
 
@@ -196,7 +179,7 @@ def test_equals_loop_reference_on_a_foreign_trunk(kind):
     that predicts the wrong token or ignores the mask or the documents, a wrong
     depth recurrence, and a final norm left out or applied on the wrong axis."""
     params = _foreign(kind)
-    tokens, loss_mask, positions = _batch(seed=1)
+    tokens, loss_mask, positions = packed_arrays(1, positions="documents")
     weights = _weights(3)
 
     @jit_once
@@ -268,7 +251,7 @@ def test_without_depths_gives_the_next_token_sums():
     reference, and the same numbers as index 0 of the call with depths. Catches a
     plain objective that is not returned (or not as a `[1]` array), or that a depth
     changes."""
-    tokens, loss_mask, positions = _batch(seed=2)
+    tokens, loss_mask, positions = packed_arrays(2, positions="documents")
 
     @jit_once
     def run(params):
@@ -343,7 +326,7 @@ def _norm_inputs():
     """Hidden states, tables and two sequential depths of a small `LinearBlock`: the
     depths have no final norm of their own, so every depth reads `final_norm`."""
     rng = np.random.default_rng(5)
-    tokens, loss_mask, positions = _batch(seed=5)
+    tokens, loss_mask, positions = packed_arrays(5, positions="documents")
 
     def normal(*shape):
         return jnp.asarray(rng.standard_normal(shape), jnp.float32)
@@ -412,7 +395,7 @@ def test_per_vector_final_norm_gives_the_batched_norms_result(norm):
 @functools.cache
 def _arguments():
     trunk, depths = _foreign("sequential")
-    tokens, loss_mask, positions = _batch()
+    tokens, loss_mask, positions = packed_arrays(positions="documents")
     return dict(
         hidden=_hidden(trunk, tokens, positions),
         tokens=jnp.asarray(tokens),
@@ -469,7 +452,7 @@ def test_on_a_mesh_equals_one_device():
     sharded path that drops a target at a context-shard boundary or reduces a sum
     over too few axes."""
     params = _foreign("sequential")
-    tokens, loss_mask, positions = _batch(seed=6)
+    tokens, loss_mask, positions = packed_arrays(6, positions="documents")
     tokens = np.concatenate([tokens, tokens[::-1]])  # 4 rows: 2 per data shard
     loss_mask = np.concatenate([loss_mask, loss_mask[::-1]])
     segment_ids = np.concatenate([SEGMENT_IDS, SEGMENT_IDS[::-1]])

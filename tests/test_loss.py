@@ -8,21 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config, tree_allclose
+from helpers import SEGMENT_IDS, VOCAB, tiny_config, tree_allclose
 from reference import jit_once, loop_mtp_loss_sums, loop_trunk_hidden, random_model
 
 import eqx_mtp
 
-VOCAB = 19
 MAX_SEQ_LEN = 16
 NUM_DEPTHS = 2
-SEGMENT_IDS = np.array(
-    [
-        [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2],
-    ],
-    np.int32,
-)
 ONES = np.ones(SEGMENT_IDS.shape, np.int32)
 ALL_TARGETS = np.ones(SEGMENT_IDS.shape, bool)
 

@@ -5,7 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config, tree_allclose
+from helpers import (
+    SEGMENT_IDS,
+    VOCAB,
+    ToyLayer,
+    ToyTrunk,
+    packed_arrays,
+    tiny_config,
+    tree_allclose,
+)
 from reference import (
     jit_once,
     loop_depth_loss_sums,
@@ -15,28 +23,6 @@ from reference import (
 )
 
 import eqx_mtp
-
-VOCAB = 19
-# Packed rows: documents [1,1 | 2,...] whose neighbours agree inside each segment,
-# padding between and after documents.
-SEGMENT_IDS = np.array(
-    [
-        [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2],
-    ],
-    np.int32,
-)
-
-
-def _batch(seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, SEGMENT_IDS.shape).astype(np.int32)
-    loss_mask = rng.random(SEGMENT_IDS.shape) < 0.8
-    loss_mask[0, 3] = loss_mask[1, 9] = False
-    # Scrambled positions: rotary attention only sees position differences inside a
-    # segment, so these (unlike a per-segment shift) show which positions are used.
-    positions = rng.integers(0, 16, SEGMENT_IDS.shape).astype(np.int32)
-    return tokens, loss_mask, positions
 
 
 def _config(**overrides):
@@ -98,7 +84,7 @@ VARIANTS = [
 def test_scanned_depths_match_loop_over_unstacked_depths(overrides):
     config = _config(**overrides)
     model = random_model(config)
-    tokens, loss_mask, positions = _batch()
+    tokens, loss_mask, positions = packed_arrays()
     weights = _weights(config.num_depths + 1)
 
     @jit_once
@@ -150,39 +136,6 @@ def test_scanned_depths_match_loop_over_unstacked_depths(overrides):
         )
 
 
-class ToyTrunk(eqx.Module):
-    """Not our transformer: an embedding, one `Linear` applied at every position, an
-    Equinox RMSNorm and an untied unembedding."""
-
-    embedding: jax.Array
-    proj: eqx.nn.Linear
-    norm: eqx.nn.RMSNorm
-    unembedding: jax.Array
-
-    def __init__(self, vocab, dim, *, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.embedding = jax.random.normal(k1, (vocab, dim)) / dim**0.5
-        self.proj = eqx.nn.Linear(dim, dim, key=k2)
-        self.norm = eqx.nn.RMSNorm(dim)
-        self.unembedding = jax.random.normal(k3, (vocab, dim)) / dim**0.5
-
-    def __call__(self, tokens):
-        x = self.embedding[tokens]
-        return x + jax.vmap(self.proj)(x)
-
-
-class ToyLayer(eqx.Module):
-    """A user's depth block: a per-position MLP with the block call signature."""
-
-    mlp: eqx.nn.MLP
-
-    def __init__(self, dim, *, key):
-        self.mlp = eqx.nn.MLP(dim, dim, width_size=8, depth=1, key=key)
-
-    def __call__(self, x, *, positions, segment_ids):
-        return x + jax.vmap(self.mlp)(x)
-
-
 @pytest.mark.parametrize("kind", ["sequential", "parallel"])
 def test_mtp_depth_losses_on_any_trunk(kind):
     dim = 8
@@ -200,7 +153,7 @@ def test_mtp_depth_losses_on_any_trunk(kind):
         return trunk, depths
 
     trunk, depths = random_like(eqx.filter_eval_shape(make, jax.random.key(0)))
-    tokens, loss_mask, positions = _batch(seed=1)
+    tokens, loss_mask, positions = packed_arrays(seed=1)
     weights = _weights(3)
 
     @jit_once

@@ -9,7 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import (
+    SEGMENT_IDS,
+    VOCAB,
+    ToyLayer,
+    ToyTrunk,
+    packed_arrays,
+    tiny_config,
+)
 from reference import (
     jit_once,
     loop_depth_loss_sums,
@@ -28,28 +35,12 @@ from eqx_mtp.train._job import (
     UserError,
 )
 
-VOCAB = 19
-SEGMENT_IDS = np.array(
-    [
-        [1, 1, 2, 2, 2, 2, 2, 2, 3, 3, 3, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0, 2, 2, 2, 2],
-    ],
-    np.int32,
-)
 # bfloat16 against float32 (the independent loop reference). Measured on these
 # models (CPU): loss sums within 2.0e-3 relative (our model; 7e-4 on a foreign trunk),
 # the cosine similarity of every parameter's gradient above 0.9997 (0.99996); the
 # bounds leave room for other platforms' rounding.
 LOSS_RTOL = 1e-2
 MIN_GRAD_COSINE = 0.999
-
-
-def _batch(seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, SEGMENT_IDS.shape).astype(np.int32)
-    loss_mask = rng.random(SEGMENT_IDS.shape) < 0.8
-    positions = rng.integers(0, 16, SEGMENT_IDS.shape).astype(np.int32)
-    return tokens, loss_mask, positions
 
 
 def _config(**overrides):
@@ -143,7 +134,7 @@ def test_every_matmul_runs_in_the_compute_dtype(compute_dtype):
     matmul's operands are in the compute dtype (accumulation and logits are float32,
     as `preferred_element_type` asks); the loss and the gradients are float32."""
     model = random_model(_config(compute_dtype=compute_dtype, shared_depth_layer=True))
-    tokens, _, _ = _batch()
+    tokens, _, _ = packed_arrays()
 
     @eqx.filter_value_and_grad(has_aux=True)
     def loss_and_grad(model):
@@ -213,7 +204,7 @@ def test_bfloat16_model_matches_float32(overrides):
     # The same parameters (compute_dtype does not change them), another config.
     bf16_model = random_model(dataclasses.replace(config, compute_dtype="bfloat16"))
     assert eqx.tree_equal(_arrays(bf16_model), _arrays(model))
-    tokens, loss_mask, positions = _batch()
+    tokens, loss_mask, positions = packed_arrays()
     weights = jnp.array([1.0, 0.7, 0.4], jnp.float32)
     batch = dict(
         segment_ids=jnp.asarray(SEGMENT_IDS),
@@ -242,39 +233,6 @@ def test_bfloat16_model_matches_float32(overrides):
     cosines = _cosines(grads, ref_grads)
     assert cosines.min() > MIN_GRAD_COSINE, cosines
     assert {x.dtype for x in _arrays(grads)} == {jnp.dtype(jnp.float32)}
-
-
-class ToyTrunk(eqx.Module):
-    """Not our transformer: an embedding, one `Linear` at every position, an Equinox
-    RMSNorm and an untied unembedding."""
-
-    embedding: jax.Array
-    proj: eqx.nn.Linear
-    norm: eqx.nn.RMSNorm
-    unembedding: jax.Array
-
-    def __init__(self, vocab, dim, *, key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        self.embedding = jax.random.normal(k1, (vocab, dim)) / dim**0.5
-        self.proj = eqx.nn.Linear(dim, dim, key=k2)
-        self.norm = eqx.nn.RMSNorm(dim)
-        self.unembedding = jax.random.normal(k3, (vocab, dim)) / dim**0.5
-
-    def __call__(self, tokens):
-        x = self.embedding[tokens]
-        return x + jax.vmap(self.proj)(x)
-
-
-class ToyLayer(eqx.Module):
-    """A user's depth block written to the old contract: no `key` parameter."""
-
-    mlp: eqx.nn.MLP
-
-    def __init__(self, dim, *, key):
-        self.mlp = eqx.nn.MLP(dim, dim, width_size=8, depth=1, key=key)
-
-    def __call__(self, x, *, positions, segment_ids):
-        return x + jax.vmap(self.mlp)(x)
 
 
 class Float32Layer(ToyLayer):
@@ -313,7 +271,7 @@ def test_bfloat16_trunk_output_with_float32_depths(kind, layer):
     compute in bfloat16, even a layer that returns float32, and the sums and
     gradients match the float32 reference within the stated tolerances."""
     trunk, depths = _toy(kind, layer)
-    tokens, loss_mask, positions = _batch(seed=1)
+    tokens, loss_mask, positions = packed_arrays(seed=1)
     weights = jnp.array([1.0, 0.7, 0.4], jnp.float32)
 
     @jit_once
@@ -419,7 +377,7 @@ def _with_depths(model, layer, **depth_options):
 @eqx.filter_jit
 def _losses(model, key):
     """`mtp_loss_sums`' sums and `mtp_loss`'s loss of one batch, both given `key`."""
-    tokens, loss_mask, positions = _batch()
+    tokens, loss_mask, positions = packed_arrays()
     batch = dict(
         segment_ids=jnp.asarray(SEGMENT_IDS),
         positions=jnp.asarray(positions),
@@ -433,7 +391,7 @@ def _losses(model, key):
 
 @eqx.filter_jit
 def _reference_sums(model):
-    tokens, loss_mask, positions = _batch()
+    tokens, loss_mask, positions = packed_arrays()
     sums, _ = loop_mtp_loss_sums(model, tokens, SEGMENT_IDS, positions, loss_mask)
     return sums
 
@@ -510,7 +468,7 @@ def test_dropout_under_remat_recomputes_the_same_mask(getkey):
     """Under `jax.checkpoint` the backward pass recomputes each depth with the same
     key: loss and gradients equal those of `remat="none"`."""
     key = getkey()
-    tokens, loss_mask, positions = _batch()
+    tokens, loss_mask, positions = packed_arrays()
 
     def value_and_grad(remat_policy):
         config = _config(num_depths=3, mtp_block="mlp", remat=remat_policy)
@@ -547,7 +505,7 @@ def test_a_block_without_a_key_parameter(getkey):
     passed only when there is one); given a key, calling it is the `TypeError` of
     any unexpected keyword argument."""
     trunk, depths = _toy("sequential", ToyLayer)
-    tokens, loss_mask, positions = _batch(seed=1)
+    tokens, loss_mask, positions = packed_arrays(seed=1)
     arguments = dict(
         embedding=trunk.embedding,
         unembedding=trunk.unembedding,
