@@ -272,6 +272,26 @@ def write_results(name: str, payload: dict, args) -> pathlib.Path | None:
     return path
 
 
+def publish(name: str, payload: dict, section: str | None, args) -> None:
+    """The one report of a benchmark: `payload` as `<name>.json` ([`write_results`][])
+    and, unless `section` is `None`, that Markdown as its section of
+    `docs/benchmarks.md` ([`write_doc_section`][])."""
+    write_results(name, payload, args)
+    if section is not None:
+        write_doc_section(name, section, args)
+
+
+def run_line(script: str, environment: dict) -> str:
+    """The command and where it ran, as a docs section opens: "`python
+    benchmarks/<script> <flags>` (date, device, cores, load average)"."""
+    command = " ".join([f"python benchmarks/{script}"] + sys.argv[1:])
+    env = environment
+    return (
+        f"`{command}` ({env['date']}, {env['device']}, {env['cpu_count']} CPU cores "
+        f"shared with other jobs, load average {env['load_average']})"
+    )
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]

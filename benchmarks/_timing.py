@@ -14,6 +14,12 @@ from typing import Any
 import jax
 
 
+def spread(values, fmt: str = ".3f") -> str:
+    """`median (min–max)` of `values`, each formatted by `fmt`."""
+    median = statistics.median(values)
+    return f"{median:{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
+
+
 @dataclasses.dataclass
 class Timing:
     """One variant's calls: the warm-up's seconds, then every timed call's wall-clock
@@ -29,10 +35,9 @@ class Timing:
     def median(self) -> float:
         return float(statistics.median(self.seconds))
 
-    def spread(self, digits: int = 3) -> str:
+    def spread(self, fmt: str = ".3f") -> str:
         """`median (min–max)` of the timed seconds."""
-        low, high = min(self.seconds), max(self.seconds)
-        return f"{self.median:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+        return spread(self.seconds, fmt)
 
     def record(self) -> dict:
         """The timings as a results file stores them."""

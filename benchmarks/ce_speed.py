@@ -13,15 +13,41 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import _common
 import jax
 import jax.numpy as jnp
+from _timing import time_interleaved
 
 from eqx_mtp._cross_entropy import head_loss_sum
 
 IMPLS = ("naive", "fused", "chunked")
+
+
+def _bound(fn, *arguments):
+    return lambda: fn(*arguments)
+
+
+def ce_programs(tokens: int, dim: int, vocabs, chunk: int, impls=IMPLS) -> dict:
+    """`(vocab, impl)` to a program of no arguments: jitted `head_loss_sum` + its
+    gradients w.r.t. hidden states and unembedding, on random float32 inputs."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (tokens, dim), jnp.float32)
+    where = jnp.ones((tokens,), jnp.bool_)
+    programs = {}
+    for vocab in vocabs:
+        unembed = 0.05 * jax.random.normal(keys[1], (vocab, dim), jnp.float32)
+        targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
+        for impl in impls:
+
+            def loss(h, w, targets=targets, impl=impl):
+                return head_loss_sum(h, w, targets, where, chunk_size=chunk, impl=impl)[
+                    0
+                ]
+
+            step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+            programs[(vocab, impl)] = _bound(step, hidden, unembed)
+    return programs
 
 
 def main():
@@ -43,38 +69,12 @@ def main():
         args.tokens, args.dim, args.repeats, args.matmul = 1024, 64, 1, 512
         vocabs = [4096]
 
-    keys = jax.random.split(jax.random.key(0), 3)
-    hidden = jax.random.normal(keys[0], (args.tokens, args.dim), jnp.float32)
-    where = jnp.ones((args.tokens,), jnp.bool_)
     square = jnp.ones((args.matmul, args.matmul), jnp.float32)
-    programs = {"matmul": (jax.jit(lambda a: a @ a), (square,))}
-    for vocab in vocabs:
-        unembed = 0.05 * jax.random.normal(keys[1], (vocab, args.dim), jnp.float32)
-        targets = jax.random.randint(keys[2], (args.tokens,), 0, vocab)
-        for impl in IMPLS:
-
-            def loss(h, w, targets=targets, impl=impl):
-                return head_loss_sum(
-                    h, w, targets, where, chunk_size=args.chunk, impl=impl
-                )[0]
-
-            programs[(vocab, impl)] = (
-                jax.jit(jax.value_and_grad(loss, (0, 1))),
-                (hidden, unembed),
-            )
-
-    first_call = {}
-    for key, (fn, inputs) in programs.items():
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        first_call[key] = time.perf_counter() - start
-    times = {key: [] for key in programs}
-    for repeat in range(args.repeats):
-        for key, (fn, inputs) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs))
-            times[key].append(time.perf_counter() - start)
-            print(f"repeat {repeat} {key}: {times[key][-1]:.3f}s", flush=True)
+    programs = {"matmul": _bound(jax.jit(lambda a: a @ a), square)}
+    programs |= ce_programs(args.tokens, args.dim, vocabs, args.chunk, IMPLS)
+    timings = time_interleaved(programs, args.repeats)
+    times = {key: timing.seconds for key, timing in timings.items()}
+    first_call = {key: timing.first_call_seconds for key, timing in timings.items()}
 
     matmul_rate = 2 * args.matmul**3 / _common.median(times["matmul"]) / 1e9
     results, rows = [], []

@@ -53,6 +53,7 @@ import _mesh_report  # noqa: E402
 import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from _step import step_arguments  # noqa: E402
 
 import eqx_mtp  # noqa: E402
 from eqx_mtp.train._train_step import _donating_train_step  # noqa: E402
@@ -140,8 +141,10 @@ def _lower_step(args, config, mesh):
         # Nothing runs, so the donated buffers' reuse does not matter here.
         warnings.filterwarnings("ignore", message="Some donated buffers")
         # `train_step` is a plain function around its jitted, donating body.
-        kept = (optimizer, batch, np.float32(0.3), "mean", mesh, eqx_mtp.DEFAULT_RULES)
-        return _donating_train_step.lower(kept, placed, opt_state), placed, opt_state
+        arguments = step_arguments(
+            optimizer, batch, np.float32(0.3), "mean", placed, opt_state, mesh
+        )
+        return _donating_train_step.lower(*arguments), placed, opt_state
 
 
 def measure(args, config, mesh_shape, devices) -> dict:
