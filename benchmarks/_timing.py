@@ -57,7 +57,6 @@ def time_interleaved(
     repeats: int,
     *,
     timer: Callable[[Any, float], float] | None = None,
-    label: str = "",
 ) -> dict[Any, Timing]:
     """Call every program once to warm up, then `repeats` rounds in which each runs
     once, in order.
@@ -71,7 +70,6 @@ def time_interleaved(
     - `timer`: optional `(output, wall_seconds) -> seconds`, for a program that
         times itself (`eqx_mtp.generate`'s `seconds` leave its compile-cache lookup
         out); by default the wall clock around the call.
-    - `label`: printed before each line of progress.
 
     **Returns:**
 
@@ -91,11 +89,11 @@ def time_interleaved(
     for name, program in programs.items():
         seconds, _, out = call(program)
         timings[name] = Timing(seconds, [], [], out)
-        print(f"{label}{name}: first call {seconds:.2f}s", flush=True)
+        print(f"{name}: first call {seconds:.2f}s", flush=True)
     for repeat in range(repeats):
         for name, program in programs.items():
             seconds, cpu, timings[name].last = call(program)
             timings[name].seconds.append(seconds)
             timings[name].cpu_seconds.append(cpu)
-            print(f"{label}repeat {repeat} {name}: {seconds:.3f}s", flush=True)
+            print(f"repeat {repeat} {name}: {seconds:.3f}s", flush=True)
     return timings

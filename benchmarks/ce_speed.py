@@ -12,14 +12,13 @@ implementation, so the rates compare directly (`"chunked"` does four matmuls).
 from __future__ import annotations
 
 import argparse
-import sys
 
 import _common
 import jax
 import jax.numpy as jnp
 from _timing import time_interleaved
 
-from eqx_mtp._cross_entropy import head_loss_sum
+import eqx_mtp
 
 IMPLS = ("naive", "fused", "chunked")
 
@@ -41,9 +40,9 @@ def ce_programs(tokens: int, dim: int, vocabs, chunk: int, impls=IMPLS) -> dict:
         for impl in impls:
 
             def loss(h, w, targets=targets, impl=impl):
-                return head_loss_sum(h, w, targets, where, chunk_size=chunk, impl=impl)[
-                    0
-                ]
+                return eqx_mtp.head_loss_sum(
+                    h, w, targets, where, chunk_size=chunk, impl=impl
+                )[0]
 
             step = jax.jit(jax.value_and_grad(loss, (0, 1)))
             programs[(vocab, impl)] = _bound(step, hidden, unembed)
@@ -73,23 +72,22 @@ def main():
     programs = {"matmul": _bound(jax.jit(lambda a: a @ a), square)}
     programs |= ce_programs(args.tokens, args.dim, vocabs, args.chunk, IMPLS)
     timings = time_interleaved(programs, args.repeats)
-    times = {key: timing.seconds for key, timing in timings.items()}
-    first_call = {key: timing.first_call_seconds for key, timing in timings.items()}
 
-    matmul_rate = 2 * args.matmul**3 / _common.median(times["matmul"]) / 1e9
+    matmul_rate = 2 * args.matmul**3 / timings["matmul"].median / 1e9
     results, rows = [], []
     for vocab in vocabs:
-        naive = _common.median(times[(vocab, "naive")])
+        naive = timings[(vocab, "naive")].median
         for impl in IMPLS:
-            seconds = _common.median(times[(vocab, impl)])
+            timing = timings[(vocab, impl)]
+            seconds = timing.median
             rate = 6 * args.tokens * args.dim * vocab / seconds / 1e9
             results.append(
                 dict(
                     vocab=vocab,
                     impl=impl,
-                    seconds=times[(vocab, impl)],
+                    seconds=timing.seconds,
                     median_seconds=seconds,
-                    first_call_seconds=first_call[(vocab, impl)],
+                    first_call_seconds=timing.first_call_seconds,
                     useful_gflops=rate,
                     speedup_over_naive=naive / seconds,
                 )
@@ -106,7 +104,6 @@ def main():
             )
     payload = dict(
         benchmark="ce_speed",
-        quick=args.quick,
         environment=_common.environment(),
         settings=dict(
             tokens=args.tokens,
@@ -118,14 +115,10 @@ def main():
         matmul_gflops=matmul_rate,
         results=results,
     )
-    _common.write_results("ce_speed", payload, args)
-    env = payload["environment"]
-    command = " ".join(["python benchmarks/ce_speed.py"] + sys.argv[1:])
     lines = [
         "## Cross-entropy speed",
         "",
-        f"`{command}` ({env['date']}, {env['device']}, {env['cpu_count']} CPU cores "
-        f"shared with other jobs, load average {env['load_average']}). "
+        f"{_common.run_line('ce_speed.py', payload['environment'])}. "
         f"`head_loss_sum` + gradient w.r.t. hidden and unembedding, {args.tokens} "
         f"tokens, dim {args.dim}, float32, chunks of {args.chunk} tokens; median of "
         f"{args.repeats} interleaved repeats. Useful GFLOP/s count "
@@ -137,7 +130,7 @@ def main():
             rows,
         ),
     ]
-    _common.write_doc_section("ce_speed", "\n".join(lines), args)
+    _common.publish("ce_speed", payload, "\n".join(lines), args)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,12 @@ one repeat.
 
 from __future__ import annotations
 
-import time
-
 import _common
 import equinox as eqx
 import jax
 import optax
 from _flops import forward_flops_per_token
+from _timing import time_interleaved
 
 import eqx_mtp
 
@@ -66,28 +65,20 @@ def main():
     tokens = jax.random.randint(
         jax.random.key(1), (args.batch, args.seq), 0, args.vocab
     )
-    states, compile_seconds = {}, {}
-    for d in depths:
-        step, model, opt_state = make_step(configs[d], mtp_weight=0.3)
-        start = time.perf_counter()
-        model, opt_state, loss = step(model, opt_state, tokens)
-        jax.block_until_ready(loss)
-        compile_seconds[d] = time.perf_counter() - start
-        states[d] = (step, model, opt_state)
-        print(
-            f"D={d}: first call (compile + run) {compile_seconds[d]:.1f}s", flush=True
-        )
 
-    times = {d: [] for d in depths}
-    for repeat in range(args.repeats):
-        for d in depths:
-            step, model, opt_state = states[d]
-            start = time.perf_counter()
-            model, opt_state, loss = step(model, opt_state, tokens)
-            jax.block_until_ready((model, opt_state, loss))
-            times[d].append(time.perf_counter() - start)
-            states[d] = (step, model, opt_state)
-            print(f"repeat {repeat} D={d}: {times[d][-1]:.3f}s", flush=True)
+    def program(d):
+        step, model, opt_state = make_step(configs[d], mtp_weight=0.3)
+        state = [model, opt_state]
+
+        def run():
+            state[0], state[1], loss = step(*state, tokens)
+            return state, loss
+
+        return run
+
+    timings = time_interleaved({f"D={d}": program(d) for d in depths}, args.repeats)
+    times = {d: timings[f"D={d}"].seconds for d in depths}
+    compile_seconds = {d: timings[f"D={d}"].first_call_seconds for d in depths}
 
     tokens_per_step = args.batch * args.seq
     flops = {d: forward_flops_per_token(configs[d], args.seq) for d in depths}
@@ -123,7 +114,6 @@ def main():
         )
     payload = dict(
         benchmark="mtp_overhead",
-        quick=args.quick,
         environment=_common.environment(),
         settings=_common.model_settings(
             args,
@@ -135,15 +125,12 @@ def main():
         ),
         results=results,
     )
-    _common.write_results("mtp_overhead", payload, args)
-    env = payload["environment"]
     worst = max(abs(r["relative_gap"]) for r in results)
     lines = [
         "## MTP overhead",
         "",
-        f"`python benchmarks/mtp_overhead.py{' --quick' if args.quick else ''}` "
-        f"({env['date']}, {env['device']}, {env['cpu_count']} CPU cores shared with "
-        f"other jobs, load average {env['load_average']}). One training step (fused "
+        f"{_common.run_line('mtp_overhead.py', payload['environment'])}. One "
+        "training step (fused "
         f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
         f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
         f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
@@ -167,7 +154,7 @@ def main():
         f"**Target** time ratio within 10% of the FLOP ratio: largest gap "
         f"{100 * worst:.1f}%.",
     ]
-    _common.write_doc_section("mtp_overhead", "\n".join(lines), args)
+    _common.publish("mtp_overhead", payload, "\n".join(lines), args)
 
 
 if __name__ == "__main__":
