@@ -24,11 +24,12 @@ def spread(values, fmt: str = ".3f") -> str:
 class Timing:
     """One variant's calls: the warm-up's seconds, then every timed call's wall-clock
     and CPU seconds (this process's, all its threads: less disturbed by other jobs
-    on a shared machine) and the last call's output."""
+    on a shared machine); the warm-up's output and the last call's."""
 
     first_call_seconds: float
     seconds: list[float]
     cpu_seconds: list[float]
+    first: Any = None
     last: Any = None
 
     @property
@@ -88,7 +89,7 @@ def time_interleaved(
     timings = {}
     for name, program in programs.items():
         seconds, _, out = call(program)
-        timings[name] = Timing(seconds, [], [], out)
+        timings[name] = Timing(seconds, [], [], first=out, last=out)
         print(f"{name}: first call {seconds:.2f}s", flush=True)
     for repeat in range(repeats):
         for name, program in programs.items():
