@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 import eqx_mtp
-from eqx_mtp._cross_entropy import head_loss_sum
 
 MiB = 2**20
 
@@ -71,7 +70,7 @@ def _heads_program(config, args):
             model = eqx.combine(p, static)
             trunk = model.trunk
             targets, valid = eqx_mtp.depth_targets(t, 0)
-            main_sum, main_count = head_loss_sum(
+            main_sum, main_count = eqx_mtp.head_loss_sum(
                 trunk.final_norm(h).reshape(-1, args.dim),
                 trunk.unembedding_matrix,
                 targets.reshape(-1),
@@ -217,7 +216,6 @@ def main():
 
     payload = dict(
         benchmark="loss_memory",
-        quick=args.quick,
         environment=_common.environment(),
         settings=_common.model_settings(
             args,
@@ -230,7 +228,6 @@ def main():
         records=records,
         summary=summary,
     )
-    _common.write_results(name, payload, args)
 
     command = " ".join(["python benchmarks/loss_memory.py"] + sys.argv[1:])
     lines = [
@@ -309,7 +306,7 @@ def main():
             rows,
         )
     )
-    _common.write_doc_section(name, "\n".join(lines), args)
+    _common.publish(name, payload, "\n".join(lines), args)
 
 
 if __name__ == "__main__":
