@@ -19,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from _suite import REPORT, cpu_model
 
 import eqx_mtp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-# Set by `python -m benchmarks`: a file where process 0 lists what it writes.
-REPORT = "BENCHMARKS_SUITE_REPORT"
 
 _DOC_HEADER = """# Benchmarks
 
@@ -38,17 +37,6 @@ warm-up call, so compile time is reported apart, and every timed call ends with
 `block_until_ready()`.
 
 """
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -74,7 +62,7 @@ def environment() -> dict:
         device_count=len(devices),
         local_device_count=jax.local_device_count(),
         process_count=jax.process_count(),
-        cpu=_cpu_model(),
+        cpu=cpu_model(),
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
         system=platform.platform(),
