@@ -20,10 +20,11 @@ processes join one `jax.distributed` run, and only process 0 writes files.
 **Adding a benchmark.** Write `benchmarks/<name>.py` that takes `--quick` (tiny
 sizes, one repeat, minutes at most on a CPU) and `_common.add_run_flags`'s flags
 (`_common.model_parser` adds both), calls `_common.start(args)` before touching a
-device, records `_common.environment()` in its payload, and writes with
-`_common.write_results(name, payload, args)` and `_common.write_doc_section(name,
-body, args)`; then add a `Benchmark` to `BENCHMARKS`, with an `arguments` function
-if it needs flags from the suite's options (as `mesh` and `decode` do).
+device, times with `_timing.time_interleaved` (reads HLO with `_hlo`), records
+`_common.environment()` in its payload, and writes with `_common.publish(name,
+payload, section, args)`; then add a `Benchmark` to `BENCHMARKS`, with an
+`arguments` function if it needs flags from the suite's options (as `mesh` and
+`decode` do).
 """
 
 from __future__ import annotations
