@@ -108,19 +108,8 @@ def check_same_loss(args):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def main():
-    parser = _common.model_parser(
-        __doc__.split("\n")[0], batch=2, seq=64, dim=64, mlp_dim=128, layers=2
-    )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--vocab", type=int, default=256)
-    args = parser.parse_args()
-    _common.start(args)
-    depths = [1, 2, 4, 8, 16]
-    if args.quick:
-        depths, args.repeats, args.layers, args.seq = [1, 2], 1, 1, 32
-
-    check_same_loss(args)
+def measure(args, depths) -> list[dict]:
+    """`args.repeats` fresh compilations of each variant at each D."""
     records = []
     for repeat in range(args.repeats):
         # interleaved, so that slow phases of a shared machine hit every D alike
@@ -145,6 +134,13 @@ def main():
                     f"HLO instructions {instructions}",
                     flush=True,
                 )
+
+    return records
+
+
+def summarise(records, depths):
+    """Medians per (variant, D): `(lower, compile)` seconds and instructions, the
+    ratios to D = 1 (and 2), and the D the target is read at."""
 
     def med(variant, num_depths, field):
         return _common.median(
@@ -173,6 +169,25 @@ def main():
         )
         if 2 in depths:
             ratios[variant]["compile_to_d2"] = compile_ / table[(variant, 2)][1]
+
+    return table, sizes, ratios, target_depth
+
+
+def main():
+    parser = _common.model_parser(
+        __doc__.split("\n")[0], batch=2, seq=64, dim=64, mlp_dim=128, layers=2
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=256)
+    args = parser.parse_args()
+    _common.start(args)
+    depths = [1, 2, 4, 8, 16]
+    if args.quick:
+        depths, args.repeats, args.layers, args.seq = [1, 2], 1, 1, 32
+
+    check_same_loss(args)
+    records = measure(args, depths)
+    table, sizes, ratios, target_depth = summarise(records, depths)
 
     payload = dict(
         benchmark="compile_time",

@@ -204,63 +204,9 @@ def train_tiny_run(directory: pathlib.Path) -> str:
     return str(run)
 
 
-def main():
-    started = time.perf_counter()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--run",
-        action="append",
-        help="NAME=DIR of a trained run (repeatable; required unless --quick)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="batch 1, short prompts, one repeat; without --run, on a tiny run "
-        "trained first",
-    )
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--part-repeats", type=int, default=20)
-    parser.add_argument("--tag", default="", help="suffix of the results file")
-    _common.add_run_flags(parser)
-    args = parser.parse_args()
-    if not args.run and not args.quick:
-        parser.error("--run NAME=DIR is required (or --quick, which trains a tiny run)")
-    _common.start(args)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    if args.quick:
-        args.batches, args.prompt_len, args.repeats, args.part_repeats = [1], 8, 1, 1
-    scratch = None
-    if not args.run:
-        if jax.process_count() > 1:
-            sys.exit("decode.py --quick trains its tiny run in one process: give --run")
-        scratch = tempfile.TemporaryDirectory(prefix="decode-quick-")
-        print("no --run: training a tiny run first", flush=True)
-        args.run = [f"tiny={train_tiny_run(pathlib.Path(scratch.name))}"]
-    runs = []
-    for item in args.run:
-        name, _, directory = item.partition("=")
-        if not directory:
-            parser.error(f"--run takes NAME=DIR, got {item!r}")
-        runs.append(measure(name, directory, args))
-    if scratch is not None:
-        scratch.cleanup()
-
-    name = "decode" + (f"_{args.tag}" if args.tag else "")
-    seconds = time.perf_counter() - started
-    payload = dict(
-        benchmark="decode",
-        environment=_common.environment(),
-        settings=dict(
-            batches=args.batches,
-            prompt_len=args.prompt_len,
-            repeats=args.repeats,
-            part_repeats=args.part_repeats,
-        ),
-        seconds=seconds,
-        runs=runs,
-    )
+def doc_section(payload: dict, args) -> str:
+    """The docs section: a row per run and batch, then the targets."""
+    runs, seconds = payload["runs"], payload["seconds"]
     rows, targets = [], []
     for run in runs:
         for r in run["records"]:
@@ -338,6 +284,67 @@ def main():
             _common.markdown_table(["target", "measured", ""], targets),
         ]
     )
+    return report
+
+
+def main():
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--run",
+        action="append",
+        help="NAME=DIR of a trained run (repeatable; required unless --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1, short prompts, one repeat; without --run, on a tiny run "
+        "trained first",
+    )
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part-repeats", type=int, default=20)
+    parser.add_argument("--tag", default="", help="suffix of the results file")
+    _common.add_run_flags(parser)
+    args = parser.parse_args()
+    if not args.run and not args.quick:
+        parser.error("--run NAME=DIR is required (or --quick, which trains a tiny run)")
+    _common.start(args)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.quick:
+        args.batches, args.prompt_len, args.repeats, args.part_repeats = [1], 8, 1, 1
+    scratch = None
+    if not args.run:
+        if jax.process_count() > 1:
+            sys.exit("decode.py --quick trains its tiny run in one process: give --run")
+        scratch = tempfile.TemporaryDirectory(prefix="decode-quick-")
+        print("no --run: training a tiny run first", flush=True)
+        args.run = [f"tiny={train_tiny_run(pathlib.Path(scratch.name))}"]
+    runs = []
+    for item in args.run:
+        name, _, directory = item.partition("=")
+        if not directory:
+            parser.error(f"--run takes NAME=DIR, got {item!r}")
+        runs.append(measure(name, directory, args))
+    if scratch is not None:
+        scratch.cleanup()
+
+    name = "decode" + (f"_{args.tag}" if args.tag else "")
+    seconds = time.perf_counter() - started
+    payload = dict(
+        benchmark="decode",
+        environment=_common.environment(),
+        settings=dict(
+            batches=args.batches,
+            prompt_len=args.prompt_len,
+            repeats=args.repeats,
+            part_repeats=args.part_repeats,
+        ),
+        seconds=seconds,
+        runs=runs,
+    )
+    report = doc_section(payload, args)
     print(f"\n{report}")
     _common.publish(name, payload, report, args)
 

@@ -45,6 +45,55 @@ def make_step(config: eqx_mtp.ModelConfig, mtp_weight: float):
     return step, model, opt_state
 
 
+def doc_section(payload: dict, args) -> str:
+    """The docs section: a row per D, then the target."""
+    results = payload["results"]
+    rows = []
+    for r in results:
+        times, median = r["step_seconds"], r["median_seconds"]
+        rows.append(
+            [
+                r["num_depths"],
+                f"{median:.3f}",
+                f"{min(times):.3f}–{max(times):.3f}",
+                f"{r['train_flops_per_step'] / median / 1e9:.0f}",
+                f"{r['time_ratio']:.2f}",
+                f"{r['flop_ratio']:.2f}",
+                f"{100 * r['relative_gap']:+.1f}%",
+            ]
+        )
+    worst = max(abs(r["relative_gap"]) for r in results)
+    lines = [
+        "## MTP overhead",
+        "",
+        f"{_common.run_line('mtp_overhead.py', payload['environment'])}. One "
+        "training step (fused "
+        f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
+        f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
+        f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
+        "repeats after a warm-up. FLOP model (`benchmarks/_flops.py`, the one "
+        "`mfu.py` uses): trunk projections, causal attention, SwiGLU, main head, and "
+        "per depth `eh_proj`, block and head; training = 3 × forward.",
+        "",
+        _common.markdown_table(
+            [
+                "D",
+                "median s",
+                "range s",
+                "GFLOP/s (model)",
+                "time(D)/time(0)",
+                "FLOP ratio",
+                "gap",
+            ],
+            rows,
+        ),
+        "",
+        f"**Target** time ratio within 10% of the FLOP ratio: largest gap "
+        f"{100 * worst:.1f}%.",
+    ]
+    return "\n".join(lines)
+
+
 def main():
     parser = _common.model_parser(
         __doc__.split("\n")[0], batch=4, seq=512, dim=256, mlp_dim=704, layers=4
@@ -83,7 +132,7 @@ def main():
     tokens_per_step = args.batch * args.seq
     flops = {d: forward_flops_per_token(configs[d], args.seq) for d in depths}
     medians = {d: _common.median(times[d]) for d in depths}
-    rows, results = [], []
+    results = []
     for d in depths:
         flop_ratio = flops[d]["total"] / flops[0]["total"]
         time_ratio = medians[d] / medians[0]
@@ -101,17 +150,6 @@ def main():
                 relative_gap=time_ratio / flop_ratio - 1,
             )
         )
-        rows.append(
-            [
-                d,
-                f"{medians[d]:.3f}",
-                f"{min(times[d]):.3f}–{max(times[d]):.3f}",
-                f"{train_flops / medians[d] / 1e9:.0f}",
-                f"{time_ratio:.2f}",
-                f"{flop_ratio:.2f}",
-                f"{100 * (time_ratio / flop_ratio - 1):+.1f}%",
-            ]
-        )
     payload = dict(
         benchmark="mtp_overhead",
         environment=_common.environment(),
@@ -125,36 +163,7 @@ def main():
         ),
         results=results,
     )
-    worst = max(abs(r["relative_gap"]) for r in results)
-    lines = [
-        "## MTP overhead",
-        "",
-        f"{_common.run_line('mtp_overhead.py', payload['environment'])}. One "
-        "training step (fused "
-        f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
-        f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
-        f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
-        "repeats after a warm-up. FLOP model (`benchmarks/_flops.py`, the one "
-        "`mfu.py` uses): trunk projections, causal attention, SwiGLU, main head, and "
-        "per depth `eh_proj`, block and head; training = 3 × forward.",
-        "",
-        _common.markdown_table(
-            [
-                "D",
-                "median s",
-                "range s",
-                "GFLOP/s (model)",
-                "time(D)/time(0)",
-                "FLOP ratio",
-                "gap",
-            ],
-            rows,
-        ),
-        "",
-        f"**Target** time ratio within 10% of the FLOP ratio: largest gap "
-        f"{100 * worst:.1f}%.",
-    ]
-    _common.publish("mtp_overhead", payload, "\n".join(lines), args)
+    _common.publish("mtp_overhead", payload, doc_section(payload, args), args)
 
 
 if __name__ == "__main__":
