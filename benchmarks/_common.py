@@ -19,14 +19,13 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from _suite import REPORT, cpu_model
 
 import eqx_mtp
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
-# Set by `python -m benchmarks`: a file where process 0 lists what it writes.
-REPORT = "BENCHMARKS_SUITE_REPORT"
 
 _DOC_HEADER = """# Benchmarks
 
@@ -38,17 +37,6 @@ warm-up call, so compile time is reported apart, and every timed call ends with
 `block_until_ready()`.
 
 """
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -74,7 +62,7 @@ def environment() -> dict:
         device_count=len(devices),
         local_device_count=jax.local_device_count(),
         process_count=jax.process_count(),
-        cpu=_cpu_model(),
+        cpu=cpu_model(),
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
         system=platform.platform(),
@@ -270,6 +258,26 @@ def write_results(name: str, payload: dict, args) -> pathlib.Path | None:
         with open(os.environ[REPORT], "a") as report:
             report.write(f"{path}\n")
     return path
+
+
+def publish(name: str, payload: dict, section: str | None, args) -> None:
+    """The one report of a benchmark: `payload` as `<name>.json` ([`write_results`][])
+    and, unless `section` is `None`, that Markdown as its section of
+    `docs/benchmarks.md` ([`write_doc_section`][])."""
+    write_results(name, payload, args)
+    if section is not None:
+        write_doc_section(name, section, args)
+
+
+def run_line(script: str, environment: dict) -> str:
+    """The command and where it ran, as a docs section opens: "`python
+    benchmarks/<script> <flags>` (date, device, cores, load average)"."""
+    command = " ".join([f"python benchmarks/{script}"] + sys.argv[1:])
+    env = environment
+    return (
+        f"`{command}` ({env['date']}, {env['device']}, {env['cpu_count']} CPU cores "
+        f"shared with other jobs, load average {env['load_average']})"
+    )
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

@@ -1,5 +1,6 @@
 """The FLOP model of an `MTPModel` training step, shared by `mtp_overhead.py` and
-`mfu.py`.
+`mfu.py`, and XLA's own count of a compiled step to check it against
+([`xla_flops`][]).
 
 Matmuls only (2 FLOPs per multiply-add); norms, RoPE, softmax and the optimizer's
 elementwise work are left out of the model count (the last is estimated apart). Per
@@ -35,12 +36,17 @@ are not subtracted: which pairs a document mask hides depends on the data.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
+import _hlo
 import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 import eqx_mtp
+import eqx_mtp._blockwise as blockwise  # its `jnp` is swapped while unrolling
 
 # Elementwise FLOPs per parameter of one optimizer step: global-norm clipping (square,
 # sum, scale) and AdamW (two moments, bias correction, the update with weight decay,
@@ -170,3 +176,82 @@ def step_flops(config: eqx_mtp.ModelConfig, *, batch: int, seq: int) -> dict:
     hardware["loss_extra"] = heads * (loss_matmuls * padded_tokens - 3 * tokens) * head
     optimizer = OPTIMIZER_FLOPS_PER_PARAMETER * parameter_count(config)
     return dict(model=model, hardware=hardware, optimizer=optimizer, tokens=tokens)
+
+
+# -- XLA's count -----------------------------------------------------------------------
+
+
+class _NumpyArange:
+    """`jax.numpy` for `_blockwise` inside `_unrolled_loops`, except that `arange` is
+    NumPy's (and `minimum`, which bounds the key tiles): the tile indices stay Python
+    ints, and so do the loop bounds computed from them."""
+
+    def __getattr__(self, name):
+        if name in ("arange", "minimum"):
+            return getattr(np, name)
+        return getattr(jnp, name)
+
+
+@contextlib.contextmanager
+def _unrolled_loops():
+    """Trace every `lax.scan`, `lax.map` and `lax.fori_loop` of the step as straight
+    code, so that XLA's cost analysis, which counts a loop body once, sees every
+    iteration. The blockwise attention's tile loops have bounds computed from the
+    tile index: over a NumPy range the index is a Python int, and so are they."""
+    scan, map_, fori_loop = jax.lax.scan, jax.lax.map, jax.lax.fori_loop
+
+    def unrolled_scan(f, init, xs=None, length=None, reverse=False, **kwargs):
+        if isinstance(xs, np.ndarray) and xs.ndim == 1:
+            carry, ys = init, []
+            for x in xs[::-1] if reverse else xs:
+                carry, y = f(carry, int(x))
+                ys.append(y)
+            ys = ys[::-1] if reverse else ys
+            return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+        kwargs.pop("unroll", None)
+        return scan(f, init, xs, length, reverse=reverse, unroll=True, **kwargs)
+
+    def unrolled_map(f, xs, **kwargs):
+        return unrolled_scan(lambda carry, x: (carry, f(x)), None, xs)[1]
+
+    def unrolled_fori_loop(lower, upper, body, init, **kwargs):
+        if not all(isinstance(b, int | np.integer) for b in (lower, upper)):
+            return fori_loop(lower, upper, body, init, **kwargs)
+        for i in range(int(lower), int(upper)):
+            init = body(i, init)
+        return init
+
+    jax.lax.scan, jax.lax.map, jax.lax.fori_loop = (
+        unrolled_scan,
+        unrolled_map,
+        unrolled_fori_loop,
+    )
+    blockwise.jnp = _NumpyArange()
+    try:
+        yield
+    finally:
+        jax.lax.scan, jax.lax.map, jax.lax.fori_loop = scan, map_, fori_loop
+        blockwise.jnp = jnp
+
+
+def xla_flops(jitted, *arguments) -> dict:
+    """XLA's counts of a jitted step (an `eqx.filter_jit` function) on `arguments`.
+
+    **Returns:**
+
+    `as_compiled`, `cost_analysis()["flops"]` of the program as compiled (each loop
+    body counted once, whatever its trip count); `unrolled`, the same of the program
+    traced afresh with every loop unrolled (the same work, laid out flat, which XLA
+    counts whole); `unrolled_dots`, the FLOPs of that program's `dot`s alone.
+    """
+    compiled = jitted.lower(*arguments).compile().compiled
+    as_compiled = float(compiled.cost_analysis()["flops"])
+    body = jitted.__wrapped__
+    with _unrolled_loops():
+        lowered = eqx.filter_jit(lambda *a: body(*a)).lower(*arguments)
+    unrolled = lowered.compile().compiled
+    return dict(
+        as_compiled=as_compiled,
+        unrolled=float(unrolled.cost_analysis()["flops"]),
+        unrolled_dots=_hlo.dot_flops(unrolled.as_text()),
+    )

@@ -20,10 +20,11 @@ processes join one `jax.distributed` run, and only process 0 writes files.
 **Adding a benchmark.** Write `benchmarks/<name>.py` that takes `--quick` (tiny
 sizes, one repeat, minutes at most on a CPU) and `_common.add_run_flags`'s flags
 (`_common.model_parser` adds both), calls `_common.start(args)` before touching a
-device, records `_common.environment()` in its payload, and writes with
-`_common.write_results(name, payload, args)` and `_common.write_doc_section(name,
-body, args)`; then add a `Benchmark` to `BENCHMARKS`, with an `arguments` function
-if it needs flags from the suite's options (as `mesh` and `decode` do).
+device, times with `_timing.time_interleaved` (reads HLO with `_hlo`), records
+`_common.environment()` in its payload, and writes with `_common.publish(name,
+payload, section, args)`; then add a `Benchmark` to `BENCHMARKS`, with an
+`arguments` function if it needs flags from the suite's options (as `mesh` and
+`decode` do).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 MESH_AXES = ("data", "model", "context")
-# Names the file where a benchmark's process 0 lists the files it wrote (as
-# `_common.REPORT`; this module does not import `_common`, which imports JAX).
+# Names the file where a benchmark's process 0 lists the files it wrote (this module
+# does not import `_common`, which imports JAX; `_common` imports this).
 REPORT = "BENCHMARKS_SUITE_REPORT"
 
 
@@ -197,6 +198,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from `/proc/cpuinfo` where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment() -> dict:
     """Where the suite ran, without importing JAX (each benchmark's JSON has the
     devices)."""
@@ -207,25 +220,12 @@ def _environment() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu = next(
-                (
-                    line.split(":", 1)[1].strip()
-                    for line in cpuinfo
-                    if line.startswith("model name")
-                ),
-                cpu,
-            )
-    except OSError:
-        pass
     return dict(
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         jax=version("jax"),
         jaxlib=version("jaxlib"),
         python=platform.python_version(),
-        cpu=cpu,
+        cpu=cpu_model(),
         cpu_count=os.cpu_count(),
         system=platform.platform(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),

@@ -12,16 +12,41 @@ implementation, so the rates compare directly (`"chunked"` does four matmuls).
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 import _common
 import jax
 import jax.numpy as jnp
+from _timing import time_interleaved
 
-from eqx_mtp._cross_entropy import head_loss_sum
+import eqx_mtp
 
 IMPLS = ("naive", "fused", "chunked")
+
+
+def _bound(fn, *arguments):
+    return lambda: fn(*arguments)
+
+
+def ce_programs(tokens: int, dim: int, vocabs, chunk: int, impls=IMPLS) -> dict:
+    """`(vocab, impl)` to a program of no arguments: jitted `head_loss_sum` + its
+    gradients w.r.t. hidden states and unembedding, on random float32 inputs."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    hidden = jax.random.normal(keys[0], (tokens, dim), jnp.float32)
+    where = jnp.ones((tokens,), jnp.bool_)
+    programs = {}
+    for vocab in vocabs:
+        unembed = 0.05 * jax.random.normal(keys[1], (vocab, dim), jnp.float32)
+        targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
+        for impl in impls:
+
+            def loss(h, w, targets=targets, impl=impl):
+                return eqx_mtp.head_loss_sum(
+                    h, w, targets, where, chunk_size=chunk, impl=impl
+                )[0]
+
+            step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+            programs[(vocab, impl)] = _bound(step, hidden, unembed)
+    return programs
 
 
 def main():
@@ -43,53 +68,26 @@ def main():
         args.tokens, args.dim, args.repeats, args.matmul = 1024, 64, 1, 512
         vocabs = [4096]
 
-    keys = jax.random.split(jax.random.key(0), 3)
-    hidden = jax.random.normal(keys[0], (args.tokens, args.dim), jnp.float32)
-    where = jnp.ones((args.tokens,), jnp.bool_)
     square = jnp.ones((args.matmul, args.matmul), jnp.float32)
-    programs = {"matmul": (jax.jit(lambda a: a @ a), (square,))}
-    for vocab in vocabs:
-        unembed = 0.05 * jax.random.normal(keys[1], (vocab, args.dim), jnp.float32)
-        targets = jax.random.randint(keys[2], (args.tokens,), 0, vocab)
-        for impl in IMPLS:
+    programs = {"matmul": _bound(jax.jit(lambda a: a @ a), square)}
+    programs |= ce_programs(args.tokens, args.dim, vocabs, args.chunk, IMPLS)
+    timings = time_interleaved(programs, args.repeats)
 
-            def loss(h, w, targets=targets, impl=impl):
-                return head_loss_sum(
-                    h, w, targets, where, chunk_size=args.chunk, impl=impl
-                )[0]
-
-            programs[(vocab, impl)] = (
-                jax.jit(jax.value_and_grad(loss, (0, 1))),
-                (hidden, unembed),
-            )
-
-    first_call = {}
-    for key, (fn, inputs) in programs.items():
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*inputs))
-        first_call[key] = time.perf_counter() - start
-    times = {key: [] for key in programs}
-    for repeat in range(args.repeats):
-        for key, (fn, inputs) in programs.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(*inputs))
-            times[key].append(time.perf_counter() - start)
-            print(f"repeat {repeat} {key}: {times[key][-1]:.3f}s", flush=True)
-
-    matmul_rate = 2 * args.matmul**3 / _common.median(times["matmul"]) / 1e9
+    matmul_rate = 2 * args.matmul**3 / timings["matmul"].median / 1e9
     results, rows = [], []
     for vocab in vocabs:
-        naive = _common.median(times[(vocab, "naive")])
+        naive = timings[(vocab, "naive")].median
         for impl in IMPLS:
-            seconds = _common.median(times[(vocab, impl)])
+            timing = timings[(vocab, impl)]
+            seconds = timing.median
             rate = 6 * args.tokens * args.dim * vocab / seconds / 1e9
             results.append(
                 dict(
                     vocab=vocab,
                     impl=impl,
-                    seconds=times[(vocab, impl)],
+                    seconds=timing.seconds,
                     median_seconds=seconds,
-                    first_call_seconds=first_call[(vocab, impl)],
+                    first_call_seconds=timing.first_call_seconds,
                     useful_gflops=rate,
                     speedup_over_naive=naive / seconds,
                 )
@@ -106,7 +104,6 @@ def main():
             )
     payload = dict(
         benchmark="ce_speed",
-        quick=args.quick,
         environment=_common.environment(),
         settings=dict(
             tokens=args.tokens,
@@ -118,14 +115,10 @@ def main():
         matmul_gflops=matmul_rate,
         results=results,
     )
-    _common.write_results("ce_speed", payload, args)
-    env = payload["environment"]
-    command = " ".join(["python benchmarks/ce_speed.py"] + sys.argv[1:])
     lines = [
         "## Cross-entropy speed",
         "",
-        f"`{command}` ({env['date']}, {env['device']}, {env['cpu_count']} CPU cores "
-        f"shared with other jobs, load average {env['load_average']}). "
+        f"{_common.run_line('ce_speed.py', payload['environment'])}. "
         f"`head_loss_sum` + gradient w.r.t. hidden and unembedding, {args.tokens} "
         f"tokens, dim {args.dim}, float32, chunks of {args.chunk} tokens; median of "
         f"{args.repeats} interleaved repeats. Useful GFLOP/s count "
@@ -137,7 +130,7 @@ def main():
             rows,
         ),
     ]
-    _common.write_doc_section("ce_speed", "\n".join(lines), args)
+    _common.publish("ce_speed", payload, "\n".join(lines), args)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,13 @@ from __future__ import annotations
 import time
 
 import _common
+import _hlo
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import eqx_mtp
-from eqx_mtp._cross_entropy import head_loss_sum
 
 
 def unrolled_loss_sums(model, tokens):
@@ -35,7 +35,7 @@ def unrolled_loss_sums(model, tokens):
 
     def loss_sum(normed, k):
         targets, valid = eqx_mtp.depth_targets(tokens, k, segment_ids=segment_ids)
-        return head_loss_sum(
+        return eqx_mtp.head_loss_sum(
             normed.reshape(-1, config.dim),
             trunk.unembedding_matrix,
             targets.reshape(-1),
@@ -90,7 +90,7 @@ def compile_seconds(variant, config, args) -> tuple[float, float, int]:
     middle = time.perf_counter()
     compiled = lowered.compile()
     seconds = time.perf_counter() - middle
-    instructions = sum(" = " in line for line in compiled.as_text().splitlines())
+    instructions = _hlo.instruction_count(compiled.as_text())
     return middle - start, seconds, instructions
 
 
@@ -108,19 +108,8 @@ def check_same_loss(args):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def main():
-    parser = _common.model_parser(
-        __doc__.split("\n")[0], batch=2, seq=64, dim=64, mlp_dim=128, layers=2
-    )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--vocab", type=int, default=256)
-    args = parser.parse_args()
-    _common.start(args)
-    depths = [1, 2, 4, 8, 16]
-    if args.quick:
-        depths, args.repeats, args.layers, args.seq = [1, 2], 1, 1, 32
-
-    check_same_loss(args)
+def measure(args, depths) -> list[dict]:
+    """`args.repeats` fresh compilations of each variant at each D."""
     records = []
     for repeat in range(args.repeats):
         # interleaved, so that slow phases of a shared machine hit every D alike
@@ -145,6 +134,13 @@ def main():
                     f"HLO instructions {instructions}",
                     flush=True,
                 )
+
+    return records
+
+
+def summarise(records, depths):
+    """Medians per (variant, D): `(lower, compile)` seconds and instructions, the
+    ratios to D = 1 (and 2), and the D the target is read at."""
 
     def med(variant, num_depths, field):
         return _common.median(
@@ -174,9 +170,27 @@ def main():
         if 2 in depths:
             ratios[variant]["compile_to_d2"] = compile_ / table[(variant, 2)][1]
 
+    return table, sizes, ratios, target_depth
+
+
+def main():
+    parser = _common.model_parser(
+        __doc__.split("\n")[0], batch=2, seq=64, dim=64, mlp_dim=128, layers=2
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--vocab", type=int, default=256)
+    args = parser.parse_args()
+    _common.start(args)
+    depths = [1, 2, 4, 8, 16]
+    if args.quick:
+        depths, args.repeats, args.layers, args.seq = [1, 2], 1, 1, 32
+
+    check_same_loss(args)
+    records = measure(args, depths)
+    table, sizes, ratios, target_depth = summarise(records, depths)
+
     payload = dict(
         benchmark="compile_time",
-        quick=args.quick,
         environment=_common.environment(),
         settings=_common.model_settings(
             args, vocab=args.vocab, repeats=args.repeats, mtp_block="transformer"
@@ -192,7 +206,6 @@ def main():
         },
         ratio_to_d1=ratios,
     )
-    _common.write_results("compile_time", payload, args)
 
     rows = []
     for num_depths in depths:
@@ -215,9 +228,7 @@ def main():
     lines = [
         "## Compile time",
         "",
-        f"`python benchmarks/compile_time.py{' --quick' if args.quick else ''}` "
-        f"({env['date']}, {env['device']}, {env['cpu_count']} CPU cores shared with "
-        f"other jobs, load average {env['load_average']}). Jitted "
+        f"{_common.run_line('compile_time.py', env)}. Jitted "
         f"`value_and_grad(mtp_loss)` of a model with dim {args.dim}, {args.layers} "
         f"trunk layers, mlp {args.mlp_dim}, vocab {args.vocab}, transformer depth "
         f"blocks, at {args.batch} × {args.seq} tokens; median of {args.repeats} "
@@ -255,7 +266,7 @@ def main():
             f"Against D=2 instead: scan {ratios['scan']['compile_to_d2']:.2f}, "
             f"unrolled {ratios['unrolled']['compile_to_d2']:.2f}."
         )
-    _common.write_doc_section("compile_time", "\n".join(lines), args)
+    _common.publish("compile_time", payload, "\n".join(lines), args)
 
 
 if __name__ == "__main__":

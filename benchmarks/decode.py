@@ -40,6 +40,7 @@ import _common
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import spread, time_interleaved
 
 import eqx_mtp
 from eqx_mtp._decode import _draft, _empty_cache
@@ -67,15 +68,6 @@ def _prompts(config: dict, count: int, prompt_len: int) -> np.ndarray:
     return np.stack(rows[:count])
 
 
-def _time(fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _round_parts(model, batch: int, size: int, repeats: int) -> dict:
     """Seconds of one round's verify pass and of its drafting, each alone, at
     `batch` rows with caches of `size` positions half full."""
@@ -100,16 +92,19 @@ def _round_parts(model, batch: int, size: int, repeats: int) -> dict:
     def batched(fn, *args):
         stacked = jax.tree.map(lambda x: jnp.stack([x] * batch), args)
         compiled = jax.jit(jax.vmap(fn)).lower(*stacked).compile()
-        compiled(*stacked)
-        return _common.median(_time(lambda: compiled(*stacked), repeats))
+        return lambda: compiled(*stacked)
 
     tokens = jnp.zeros((num_drafts + 1,), jnp.int32)
     one = jnp.zeros((1,), jnp.int32)
-    return dict(
-        verify_seconds=batched(verify, tokens, trunk_cache),
-        plain_step_seconds=batched(verify, one, trunk_cache),
-        draft_seconds=batched(draft, depth_cache),
+    timings = time_interleaved(
+        dict(
+            verify=batched(verify, tokens, trunk_cache),
+            plain_step=batched(verify, one, trunk_cache),
+            draft=batched(draft, depth_cache),
+        ),
+        repeats,
     )
+    return {f"{part}_seconds": timing.median for part, timing in timings.items()}
 
 
 def measure(name: str, run: str, args) -> dict:
@@ -125,14 +120,16 @@ def measure(name: str, run: str, args) -> dict:
                 model, prompts, max_new_tokens=max_new, speculative=speculative
             )
 
-        outputs = {mode: call(mode == "speculative") for mode in ("plain", "spec")}
-        compile_seconds = {m: o.compile_seconds for m, o in outputs.items()}
-        seconds = {mode: [] for mode in outputs}
-        for _ in range(args.repeats):
-            for mode in outputs:
-                outputs[mode] = call(mode == "spec")
-                seconds[mode].append(outputs[mode].seconds)
-        plain, spec = outputs["plain"], outputs["spec"]
+        # The generation's own clock: compilation, and the lookup of the compiled
+        # program, left out.
+        timings = time_interleaved(
+            dict(plain=lambda: call(False), spec=lambda: call(True)),
+            args.repeats,
+            timer=lambda generation, wall: generation.seconds,
+        )
+        compile_seconds = {m: t.first.compile_seconds for m, t in timings.items()}
+        seconds = {mode: timing.seconds for mode, timing in timings.items()}
+        plain, spec = timings["plain"].last, timings["spec"].last
         identical = bool(jnp.all(plain.tokens == spec.tokens))
         tokens = plain.tokens.size
         rates = {mode: [tokens / s for s in seconds[mode]] for mode in seconds}
@@ -207,69 +204,9 @@ def train_tiny_run(directory: pathlib.Path) -> str:
     return str(run)
 
 
-def _spread(values) -> str:
-    return f"{_common.median(values):,.0f} ({min(values):,.0f}–{max(values):,.0f})"
-
-
-def main():
-    started = time.perf_counter()
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--run",
-        action="append",
-        help="NAME=DIR of a trained run (repeatable; required unless --quick)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="batch 1, short prompts, one repeat; without --run, on a tiny run "
-        "trained first",
-    )
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt-len", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--part-repeats", type=int, default=20)
-    parser.add_argument("--tag", default="", help="suffix of the results file")
-    _common.add_run_flags(parser)
-    args = parser.parse_args()
-    if not args.run and not args.quick:
-        parser.error("--run NAME=DIR is required (or --quick, which trains a tiny run)")
-    _common.start(args)
-    args.batches = [int(b) for b in args.batches.split(",")]
-    if args.quick:
-        args.batches, args.prompt_len, args.repeats, args.part_repeats = [1], 8, 1, 1
-    scratch = None
-    if not args.run:
-        if jax.process_count() > 1:
-            sys.exit("decode.py --quick trains its tiny run in one process: give --run")
-        scratch = tempfile.TemporaryDirectory(prefix="decode-quick-")
-        print("no --run: training a tiny run first", flush=True)
-        args.run = [f"tiny={train_tiny_run(pathlib.Path(scratch.name))}"]
-    runs = []
-    for item in args.run:
-        name, _, directory = item.partition("=")
-        if not directory:
-            parser.error(f"--run takes NAME=DIR, got {item!r}")
-        runs.append(measure(name, directory, args))
-    if scratch is not None:
-        scratch.cleanup()
-
-    name = "decode" + (f"_{args.tag}" if args.tag else "")
-    seconds = time.perf_counter() - started
-    payload = dict(
-        benchmark="decode",
-        environment=_common.environment(),
-        settings=dict(
-            batches=args.batches,
-            prompt_len=args.prompt_len,
-            repeats=args.repeats,
-            part_repeats=args.part_repeats,
-        ),
-        seconds=seconds,
-        runs=runs,
-    )
-    _common.write_results(name, payload, args)
-
+def doc_section(payload: dict, args) -> str:
+    """The docs section: a row per run and batch, then the targets."""
+    runs, seconds = payload["runs"], payload["seconds"]
     rows, targets = [], []
     for run in runs:
         for r in run["records"]:
@@ -281,8 +218,8 @@ def main():
                     run["run"],
                     f"{r['num_layers']} / {r['num_depths']}",
                     r["batch"],
-                    _spread(r["plain_tokens_per_second"]),
-                    _spread(r["speculative_tokens_per_second"]),
+                    spread(r["plain_tokens_per_second"], ",.0f"),
+                    spread(r["speculative_tokens_per_second"], ",.0f"),
                     f"{r['speedup']:.2f}×",
                     f"{r['tokens_per_forward']:.2f}",
                     " ".join(f"{a:.2f}" for a in r["acceptance"]),
@@ -347,9 +284,69 @@ def main():
             _common.markdown_table(["target", "measured", ""], targets),
         ]
     )
-    print()
-    print(report)
-    _common.write_doc_section(name, report, args)
+    return report
+
+
+def main():
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--run",
+        action="append",
+        help="NAME=DIR of a trained run (repeatable; required unless --quick)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 1, short prompts, one repeat; without --run, on a tiny run "
+        "trained first",
+    )
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part-repeats", type=int, default=20)
+    parser.add_argument("--tag", default="", help="suffix of the results file")
+    _common.add_run_flags(parser)
+    args = parser.parse_args()
+    if not args.run and not args.quick:
+        parser.error("--run NAME=DIR is required (or --quick, which trains a tiny run)")
+    _common.start(args)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    if args.quick:
+        args.batches, args.prompt_len, args.repeats, args.part_repeats = [1], 8, 1, 1
+    scratch = None
+    if not args.run:
+        if jax.process_count() > 1:
+            sys.exit("decode.py --quick trains its tiny run in one process: give --run")
+        scratch = tempfile.TemporaryDirectory(prefix="decode-quick-")
+        print("no --run: training a tiny run first", flush=True)
+        args.run = [f"tiny={train_tiny_run(pathlib.Path(scratch.name))}"]
+    runs = []
+    for item in args.run:
+        name, _, directory = item.partition("=")
+        if not directory:
+            parser.error(f"--run takes NAME=DIR, got {item!r}")
+        runs.append(measure(name, directory, args))
+    if scratch is not None:
+        scratch.cleanup()
+
+    name = "decode" + (f"_{args.tag}" if args.tag else "")
+    seconds = time.perf_counter() - started
+    payload = dict(
+        benchmark="decode",
+        environment=_common.environment(),
+        settings=dict(
+            batches=args.batches,
+            prompt_len=args.prompt_len,
+            repeats=args.repeats,
+            part_repeats=args.part_repeats,
+        ),
+        seconds=seconds,
+        runs=runs,
+    )
+    report = doc_section(payload, args)
+    print(f"\n{report}")
+    _common.publish(name, payload, report, args)
 
 
 if __name__ == "__main__":

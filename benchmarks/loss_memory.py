@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 
 import eqx_mtp
-from eqx_mtp._cross_entropy import head_loss_sum
 
 MiB = 2**20
 
@@ -71,7 +70,7 @@ def _heads_program(config, args):
             model = eqx.combine(p, static)
             trunk = model.trunk
             targets, valid = eqx_mtp.depth_targets(t, 0)
-            main_sum, main_count = head_loss_sum(
+            main_sum, main_count = eqx_mtp.head_loss_sum(
                 trunk.final_norm(h).reshape(-1, args.dim),
                 trunk.unembedding_matrix,
                 targets.reshape(-1),
@@ -108,7 +107,7 @@ def temp_bytes(part, config, args) -> tuple[int, float]:
     return compiled.memory_analysis().temp_size_in_bytes, seconds
 
 
-def main():
+def _parser():
     parser = _common.model_parser(
         __doc__.split("\n")[0], batch=8, seq=1024, dim=256, mlp_dim=704, layers=2
     )
@@ -135,6 +134,33 @@ def main():
     parser.add_argument(
         "--tag", default="", help="suffix of the results file and docs section name"
     )
+    return parser
+
+
+def measure(args, parts, vocabs, depths, variants) -> list[dict]:
+    """Compiled temp memory of every (part, vocab, D, variant)."""
+    records = []
+    for part in parts:
+        for vocab in vocabs:
+            for num_depths in depths:
+                for impl, remat in variants:
+                    config = _config(args, vocab, num_depths, impl, remat)
+                    temp, seconds = temp_bytes(part, config, args)
+                    records.append(
+                        dict(part=part, vocab=vocab, num_depths=num_depths)
+                        | dict(impl=impl, remat=remat, temp_bytes=temp)
+                    )
+                    print(
+                        f"{part:5s} V={vocab:6d} D={num_depths} {impl:5s} "
+                        f"remat={remat:4s} temp={temp / MiB:9.1f} MiB "
+                        f"(compiled in {seconds:.1f}s)",
+                        flush=True,
+                    )
+    return records
+
+
+def main():
+    parser = _parser()
     args = parser.parse_args()
     _common.start(args)
     vocabs = [int(v) for v in args.vocabs.split(",")]
@@ -150,29 +176,7 @@ def main():
     lean = args.impl
     variants = [(impl, remat) for remat in remats for impl in ("naive", lean)]
 
-    records = []
-    for part in parts:
-        for vocab in vocabs:
-            for num_depths in depths:
-                for impl, remat in variants:
-                    config = _config(args, vocab, num_depths, impl, remat)
-                    temp, seconds = temp_bytes(part, config, args)
-                    records.append(
-                        dict(
-                            part=part,
-                            vocab=vocab,
-                            num_depths=num_depths,
-                            impl=impl,
-                            remat=remat,
-                            temp_bytes=temp,
-                        )
-                    )
-                    print(
-                        f"{part:5s} V={vocab:6d} D={num_depths} {impl:5s} "
-                        f"remat={remat:4s} temp={temp / MiB:9.1f} MiB "
-                        f"(compiled in {seconds:.1f}s)",
-                        flush=True,
-                    )
+    records = measure(args, parts, vocabs, depths, variants)
 
     def temp(part, vocab, num_depths, impl, remat):
         for r in records:
@@ -186,7 +190,6 @@ def main():
     params, _ = _common.abstract_model(_config(args, vocabs[0], largest, lean, "none"))
     depth_param_bytes = _common.array_bytes(params.depths) // largest
     hidden_bytes = args.batch * args.seq * args.dim * 4
-    allowance = depth_param_bytes + hidden_bytes
     target_vocab = 32768 if 32768 in vocabs else vocabs[-1]
     target_depth = 4 if 4 in depths else depths[-1]
     previous = sorted(d for d in depths if d < largest)[-1]
@@ -217,7 +220,6 @@ def main():
 
     payload = dict(
         benchmark="loss_memory",
-        quick=args.quick,
         environment=_common.environment(),
         settings=_common.model_settings(
             args,
@@ -230,7 +232,33 @@ def main():
         records=records,
         summary=summary,
     )
-    _common.write_results(name, payload, args)
+
+    grid = dict(parts=parts, remats=remats, vocabs=vocabs, depths=depths, lean=lean)
+    target = dict(vocab=target_vocab, depth=target_depth)
+    target |= dict(previous=previous, largest=largest)
+    section = doc_section(payload, args, grid, target)
+    _common.publish(name, payload, section, args)
+
+
+def doc_section(payload: dict, args, grid: dict, target: dict) -> str:
+    """The docs section: `grid` holds the parts, remat policies, vocabularies, D
+    values and the lean `loss_impl` measured; `target` the vocabulary and D of the
+    5% target and the two D values the growth per depth is measured between."""
+    parts, remats, vocabs = grid["parts"], grid["remats"], grid["vocabs"]
+    depths, lean = grid["depths"], grid["lean"]
+    target_vocab, target_depth = target["vocab"], target["depth"]
+    previous, largest = target["previous"], target["largest"]
+    summary = payload["summary"]
+    depth_param_bytes = payload["depth_param_bytes"]
+    hidden_bytes = payload["carried_hidden_bytes"]
+    allowance = depth_param_bytes + hidden_bytes
+    temps = {
+        (r["part"], r["vocab"], r["num_depths"], r["impl"], r["remat"]): r["temp_bytes"]
+        for r in payload["records"]
+    }
+
+    def temp(*key):
+        return temps[key]
 
     command = " ".join(["python benchmarks/loss_memory.py"] + sys.argv[1:])
     lines = [
@@ -309,7 +337,7 @@ def main():
             rows,
         )
     )
-    _common.write_doc_section(name, "\n".join(lines), args)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -24,31 +24,27 @@ optimizer), each timed the same way.
 Last, the fused cross-entropy against the full-logits one (`ce_speed.py`'s programs),
 loss + both gradients, at two vocabularies in one run.
 
-`--quick`: tiny models (one layer of width 64 each), a 1024² matmul, one repeat.
+`--quick`: the larger model only, cut to one layer of width 64, rows of 64 tokens, a
+1024² matmul, one repeat.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import math
-import re
 import sys
 import time
 
 import _common
 import _flops
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
+from _step import Case, default_job, larger_model, part_programs
+from _timing import spread, time_interleaved
+from ce_speed import ce_programs
 
 import eqx_mtp
-import eqx_mtp._blockwise as blockwise
-from eqx_mtp._cross_entropy import head_loss_sum
-from eqx_mtp.train._job import TrainConfig
-from eqx_mtp.train._train_step import _donating_train_step, make_optimizer, train_step
+from eqx_mtp.train._train_step import _donating_train_step
 
 # Dense (no sparsity) peak TFLOP/s by `device_kind` and dtype, from the vendors' data
 # sheets ("published spec"; not measured here). H100: the SXM part; float32 is the
@@ -68,189 +64,6 @@ PUBLISHED_PEAK_TFLOPS = {
 MFU_TARGET = 0.40
 
 
-# -- the models and their step ---------------------------------------------------------
-
-
-def default_job() -> tuple[eqx_mtp.ModelConfig, TrainConfig]:
-    """The model `eqx-mtp train` builds with its default flags, and those flags."""
-    job = TrainConfig()
-    return job.model_config(), job
-
-
-def larger_model(config: eqx_mtp.ModelConfig) -> eqx_mtp.ModelConfig:
-    """Dim 512, 8 layers, rows of 1024, MLP width in the default's ratio (8/3, to a
-    multiple of 64); the default's other settings."""
-    return dataclasses.replace(
-        config, dim=512, num_layers=8, mlp_dim=1408, max_seq_len=1024
-    )
-
-
-def make_batch(config: eqx_mtp.ModelConfig, batch: int, seq: int, seed: int = 0):
-    """A `[1, batch, seq]` batch as the job feeds it: packed documents with their
-    segment ids and positions."""
-    tokens, segment_ids = _common.packed_rows(
-        batch, seq, config.vocab_size, document_length=seq // 2, seed=seed
-    )
-    segments = np.asarray(segment_ids)
-    starts = np.concatenate(
-        [np.ones((batch, 1), bool), segments[:, 1:] != segments[:, :-1]], axis=1
-    )
-    index = np.broadcast_to(np.arange(seq), (batch, seq))
-    first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
-    positions = jnp.asarray(index - first, jnp.int32)
-    return {
-        k: v[None] for k, v in dict(tokens=tokens, segment_ids=segment_ids).items()
-    } | dict(positions=positions[None])
-
-
-@dataclasses.dataclass
-class Case:
-    """One benchmarked model: its step's state and what the step costs."""
-
-    name: str
-    config: eqx_mtp.ModelConfig
-    batch_rows: int
-    seq: int
-    job: TrainConfig
-    model: eqx.Module = None
-    opt_state: object = None
-    optimizer: object = None
-    batch: dict = None
-
-    def setup(self):
-        job = self.job
-        self.model = eqx_mtp.MTPModel(self.config, key=jax.random.key(job.seed))
-        self.optimizer = make_optimizer(
-            self.model,
-            learning_rate=job.learning_rate,
-            total_steps=job.steps,
-            warmup_steps=job.warmup_steps,
-            min_learning_rate_ratio=job.min_learning_rate_ratio,
-            weight_decay=job.weight_decay,
-            grad_clip=job.grad_clip,
-            depth_grad_clip=job.depth_grad_clip,
-        )
-        self.opt_state = self.optimizer.init(eqx.filter(self.model, eqx.is_array))
-        self.batch = make_batch(self.config, self.batch_rows, self.seq)
-        self.weight = np.asarray(float(job.mtp_weight), np.float32)
-
-    def step(self):
-        self.model, self.opt_state, metrics = train_step(
-            self.optimizer,
-            self.model,
-            self.opt_state,
-            self.batch,
-            self.weight,
-            self.job.reduction,
-        )
-        return jax.block_until_ready(metrics)
-
-    def step_arguments(self):
-        kept = (self.optimizer, self.batch, self.weight, self.job.reduction, None)
-        kept += (eqx_mtp.DEFAULT_RULES,)
-        return kept, self.model, self.opt_state
-
-
-# -- XLA's count -----------------------------------------------------------------------
-
-
-class _NumpyArange:
-    """`jax.numpy` for `_blockwise` inside `_unrolled_loops`, except that `arange` is
-    NumPy's (and `minimum`, which bounds the key tiles): the tile indices stay Python
-    ints, and so do the loop bounds computed from them."""
-
-    def __getattr__(self, name):
-        if name in ("arange", "minimum"):
-            return getattr(np, name)
-        return getattr(jnp, name)
-
-
-@contextlib.contextmanager
-def _unrolled_loops():
-    """Trace every `lax.scan`, `lax.map` and `lax.fori_loop` of the step as straight
-    code, so that XLA's cost analysis, which counts a loop body once, sees every
-    iteration. The blockwise attention's tile loops have bounds computed from the
-    tile index: over a NumPy range the index is a Python int, and so are they."""
-    scan, map_, fori_loop = jax.lax.scan, jax.lax.map, jax.lax.fori_loop
-
-    def unrolled_scan(f, init, xs=None, length=None, reverse=False, **kwargs):
-        if isinstance(xs, np.ndarray) and xs.ndim == 1:
-            carry, ys = init, []
-            for x in xs[::-1] if reverse else xs:
-                carry, y = f(carry, int(x))
-                ys.append(y)
-            ys = ys[::-1] if reverse else ys
-            return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
-        kwargs.pop("unroll", None)
-        return scan(f, init, xs, length, reverse=reverse, unroll=True, **kwargs)
-
-    def unrolled_map(f, xs, **kwargs):
-        return unrolled_scan(lambda carry, x: (carry, f(x)), None, xs)[1]
-
-    def unrolled_fori_loop(lower, upper, body, init, **kwargs):
-        if not all(isinstance(b, int | np.integer) for b in (lower, upper)):
-            return fori_loop(lower, upper, body, init, **kwargs)
-        for i in range(int(lower), int(upper)):
-            init = body(i, init)
-        return init
-
-    jax.lax.scan, jax.lax.map, jax.lax.fori_loop = (
-        unrolled_scan,
-        unrolled_map,
-        unrolled_fori_loop,
-    )
-    blockwise.jnp = _NumpyArange()
-    try:
-        yield
-    finally:
-        jax.lax.scan, jax.lax.map, jax.lax.fori_loop = scan, map_, fori_loop
-        blockwise.jnp = jnp
-
-
-_DEFINITION = re.compile(r"(%[\w.\-]+) = [a-z0-9]+\[([0-9,]*)\]")
-_DOT = re.compile(
-    r"= [a-z0-9]+\[([0-9,]*)\]\S* dot\((%[\w.\-]+), %[\w.\-]+\)"
-    r".*?lhs_contracting_dims=\{([0-9,]*)\}"
-)
-
-
-def _dims(text: str) -> list[int]:
-    return [int(d) for d in text.split(",") if d]
-
-
-def hlo_dot_flops(hlo: str) -> int:
-    """FLOPs of the `dot` instructions of an HLO module's text: `2 ·` output size `·`
-    contracted size each, every instruction once (so only for a module whose loops
-    are unrolled)."""
-    shapes = {m.group(1): _dims(m.group(2)) for m in _DEFINITION.finditer(hlo)}
-    total = 0
-    for match in _DOT.finditer(hlo):
-        out, lhs, contracting = match.groups()
-        contracted = math.prod(shapes[lhs][i] for i in _dims(contracting))
-        total += 2 * math.prod(_dims(out)) * contracted
-    return total
-
-
-def xla_flops(case: Case) -> dict:
-    """XLA's counts of the compiled step, the jitted body of `train_step`:
-    `cost_analysis()["flops"]` of the product's program (`as_compiled`) and of the
-    same with every loop unrolled (`unrolled`, traced afresh so that neither reuses
-    the other's trace), and the FLOPs of the unrolled program's `dot`s alone
-    (`unrolled_dots`)."""
-    arguments = case.step_arguments()
-    compiled = _donating_train_step.lower(*arguments).compile().compiled
-    as_compiled = float(compiled.cost_analysis()["flops"])
-    body = _donating_train_step.__wrapped__
-    with _unrolled_loops():
-        lowered = eqx.filter_jit(lambda *a: body(*a)).lower(*arguments)
-    unrolled = lowered.compile().compiled
-    return dict(
-        as_compiled=as_compiled,
-        unrolled=float(unrolled.cost_analysis()["flops"]),
-        unrolled_dots=hlo_dot_flops(unrolled.as_text()),
-    )
-
-
 # -- the peak --------------------------------------------------------------------------
 
 
@@ -263,150 +76,10 @@ def published_peak(device_kind: str, dtype: str) -> float | None:
 
 
 def matmul_program(size: int, dtype):
+    """A square matmul, as a program of no arguments."""
     square = jnp.ones((size, size), dtype) / size
-    return jax.jit(lambda a: a @ a), (square,)
-
-
-# -- where the time goes ---------------------------------------------------------------
-
-
-def part_programs(case: Case) -> dict:
-    """The step cut into separately jitted parts, each forward + backward (as the step
-    runs it, with its rematerialisation): the trunk from tokens to `h⁰`; the depths
-    from `h⁰` (their blocks and `eh_proj`, their losses as a constant readout); every
-    loss (the main head's and each depth's, from fixed hidden states); the optimizer
-    update. Each takes the parameters and returns gradients, so nothing is dead code.
-    """
-    model, batch = case.model, case.batch
-    tokens, segment_ids, positions = (
-        batch[k][0] for k in ("tokens", "segment_ids", "positions")
-    )
-    params, static = eqx.partition(model, eqx.is_array)
-    trunk, depths = model.trunk, model.depths
-
-    def trunk_sum(trunk_params, cotangent):
-        trunk = eqx.combine(trunk_params, eqx.partition(model.trunk, eqx.is_array)[1])
-        h0 = jax.vmap(lambda t, s, p: trunk(t, positions=p, segment_ids=s))(
-            tokens, segment_ids, positions
-        )
-        return jnp.sum(h0 * cotangent)
-
-    h0 = jax.vmap(lambda t, s, p: trunk(t, positions=p, segment_ids=s))(
-        tokens, segment_ids, positions
-    )
-    cotangent = jax.random.normal(jax.random.key(2), h0.shape, h0.dtype)
-
-    def depth_hidden_sum(depth_params, h0):
-        depths = eqx.combine(depth_params, eqx.partition(model.depths, eqx.is_array)[1])
-        hiddens = eqx_mtp.scan_depths(
-            depths,
-            h0,
-            tokens,
-            embedding=trunk.embedding,
-            final_norm=trunk.final_norm,
-            readout=lambda k, normed: jnp.sum(normed * cotangent),
-            segment_ids=segment_ids,
-            positions=positions,
-        )
-        return jnp.sum(hiddens)
-
-    def losses_sum(unembedding, hiddens):
-        total = 0.0
-        for k in range(hiddens.shape[0]):
-            targets = jnp.roll(tokens, -(k + 1), axis=1).reshape(-1)
-            where = jnp.ones(targets.shape, jnp.bool_)
-            total = (
-                total
-                + head_loss_sum(
-                    hiddens[k].reshape(-1, hiddens.shape[-1]),
-                    unembedding,
-                    targets,
-                    where,
-                    chunk_size=case.config.loss_chunk_size,
-                    impl=case.config.loss_impl,
-                )[0]
-            )
-        return total
-
-    hiddens = jnp.stack([h0] * (1 + case.config.num_depths))
-    grads = jax.tree.map(jnp.ones_like, params)
-
-    def update(grads, opt_state, params):
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = case.optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state
-
-    trunk_params = eqx.filter(trunk, eqx.is_array)
-    depth_params = eqx.filter(depths, eqx.is_array)
-    return dict(
-        trunk=(eqx.filter_jit(jax.grad(trunk_sum)), (trunk_params, cotangent)),
-        depths=(
-            eqx.filter_jit(jax.grad(depth_hidden_sum, argnums=(0, 1))),
-            (depth_params, h0),
-        ),
-        losses=(
-            eqx.filter_jit(jax.grad(losses_sum, argnums=(0, 1))),
-            (trunk.unembedding_matrix, hiddens),
-        ),
-        optimizer=(eqx.filter_jit(update), (grads, case.opt_state, params)),
-    )
-
-
-# -- timing ----------------------------------------------------------------------------
-
-
-def time_interleaved(programs: dict, repeats: int) -> tuple[dict, dict]:
-    """First-call seconds (compile + run) and `repeats` timed seconds of every
-    `name: (fn, args)` or `name: callable`, the repeats interleaved."""
-
-    def call(entry):
-        if callable(entry):
-            return entry()
-        fn, arguments = entry
-        return jax.block_until_ready(fn(*arguments))
-
-    first = {}
-    for name, entry in programs.items():
-        start = time.perf_counter()
-        call(entry)
-        first[name] = time.perf_counter() - start
-        print(f"{name}: first call {first[name]:.2f}s", flush=True)
-    times = {name: [] for name in programs}
-    for repeat in range(repeats):
-        for name, entry in programs.items():
-            start = time.perf_counter()
-            call(entry)
-            times[name].append(time.perf_counter() - start)
-            print(f"repeat {repeat} {name}: {times[name][-1]:.3f}s", flush=True)
-    return first, times
-
-
-def spread(values) -> str:
-    return f"{_common.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
-
-
-def ce_programs(tokens: int, dim: int, vocabs, chunk: int) -> dict:
-    """`ce_speed.py`'s programs: `head_loss_sum` + gradients w.r.t. hidden and
-    unembedding, fused and naive, per vocabulary."""
-    keys = jax.random.split(jax.random.key(0), 3)
-    hidden = jax.random.normal(keys[0], (tokens, dim), jnp.float32)
-    where = jnp.ones((tokens,), jnp.bool_)
-    programs = {}
-    for vocab in vocabs:
-        unembed = 0.05 * jax.random.normal(keys[1], (vocab, dim), jnp.float32)
-        targets = jax.random.randint(keys[2], (tokens,), 0, vocab)
-        for impl in ("naive", "fused"):
-
-            def loss(h, w, targets=targets, impl=impl):
-                return head_loss_sum(h, w, targets, where, chunk_size=chunk, impl=impl)[
-                    0
-                ]
-
-            programs[f"ce {impl} V={vocab}"] = (
-                jax.jit(jax.value_and_grad(loss, (0, 1))),
-                (hidden, unembed),
-            )
-    return programs
+    matmul = jax.jit(lambda a: a @ a)
+    return lambda: matmul(square)
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -421,7 +94,7 @@ def peak_dtype(config: eqx_mtp.ModelConfig) -> str:
     return "tf32" if jax.default_backend() == "gpu" else "float32"
 
 
-def main():
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, one repeat: a smoke run"
@@ -445,127 +118,104 @@ def main():
         "tens of seconds here)",
     )
     _common.add_run_flags(parser)
-    args = parser.parse_args()
-    _common.start(args)
-    ce_vocabs = [int(v) for v in args.ce_vocabs.split(",")]
+    return parser
 
+
+def _cases(args) -> list[Case]:
+    """The default job's model and the larger one; under `--quick` only the larger
+    one (the one the breakdown cuts up), with one layer of width 64, and the
+    cross-entropy and matmul sizes cut down."""
     config, job = default_job()
     large = larger_model(config)
-    cases = [
-        Case("default", config, job.batch_size, job.seq_len, job),
-        Case("larger", large, args.large_batch, large.max_seq_len, job),
-    ]
-    if args.quick:
-        args.repeats, args.matmul, args.ce_tokens, args.ce_dim = 1, 1024, 512, 32
-        args.ce_repeats = 1
-        ce_vocabs = [1024]
-        cases = [
-            Case(
-                "default",
-                dataclasses.replace(
-                    config, dim=64, num_layers=1, mlp_dim=128, max_seq_len=32
-                ),
-                2,
-                32,
-                job,
-            ),
-            Case(
-                "larger",
-                dataclasses.replace(
-                    large, dim=64, num_layers=1, mlp_dim=128, max_seq_len=64
-                ),
-                1,
-                64,
-                job,
-            ),
+    if not args.quick:
+        return [
+            Case("default", config, job.batch_size, job.seq_len, job),
+            Case("larger", large, args.large_batch, large.max_seq_len, job),
         ]
+    args.repeats, args.matmul, args.ce_tokens, args.ce_dim = 1, 1024, 512, 32
+    args.ce_repeats, args.ce_vocabs = 1, "1024"
+    tiny = dataclasses.replace(large, dim=64, num_layers=1, mlp_dim=128, max_seq_len=64)
+    return [Case("larger", tiny, 1, 64, job)]
 
-    counts = {}
-    for case in cases:
-        case.setup()
-        flops = _flops.step_flops(case.config, batch=case.batch_rows, seq=case.seq)
-        start = time.perf_counter()
-        xla = xla_flops(case)
-        counts[case.name] = dict(flops, xla=xla)
-        hardware = flops["hardware"]["total"] + flops["optimizer"]
-        print(
-            f"{case.name}: model {flops['model']['total']:.4g}, hardware "
-            f"{hardware:.4g}, XLA {xla['as_compiled']:.4g} (loops once), "
-            f"{xla['unrolled']:.4g} (unrolled; dots {xla['unrolled_dots']:.4g}): "
-            f"ratio {xla['unrolled'] / hardware:.3f}; counted in "
-            f"{time.perf_counter() - start:.0f}s",
-            flush=True,
-        )
 
-    programs = {case.name: case.step for case in cases}
-    programs["matmul"] = matmul_program(args.matmul, jnp.float32)
-    first, times = time_interleaved(programs, args.repeats)
-
-    device_kind = str(jax.devices()[0].device_kind)
-    matmul_flops = 2 * args.matmul**3
-    measured_peak = matmul_flops / _common.median(times["matmul"])
-    published = published_peak(device_kind, peak_dtype(config))
-    peak = measured_peak if jax.default_backend() == "cpu" else published
-    peak_source = (
-        "measured matmul"
-        if jax.default_backend() == "cpu"
-        else ("published spec" if published else "measured matmul (chip not listed)")
+def _count(case: Case) -> dict:
+    """The FLOP model's counts of the case's step, and XLA's."""
+    flops = _flops.step_flops(case.config, batch=case.batch_rows, seq=case.seq)
+    start = time.perf_counter()
+    xla = _flops.xla_flops(_donating_train_step, *case.step_arguments())
+    hardware = flops["hardware"]["total"] + flops["optimizer"]
+    print(
+        f"{case.name}: model {flops['model']['total']:.4g}, hardware "
+        f"{hardware:.4g}, XLA {xla['as_compiled']:.4g} (loops once), "
+        f"{xla['unrolled']:.4g} (unrolled; dots {xla['unrolled_dots']:.4g}): "
+        f"ratio {xla['unrolled'] / hardware:.3f}; counted in "
+        f"{time.perf_counter() - start:.0f}s",
+        flush=True,
     )
-    peak = peak or measured_peak
+    return dict(flops, xla=xla)
 
-    results = []
-    for case in cases:
-        seconds = _common.median(times[case.name])
-        count = counts[case.name]
-        model_flops = count["model"]["total"]
-        hardware = count["hardware"]["total"] + count["optimizer"]
-        results.append(
-            dict(
-                name=case.name,
-                config=case.config.to_dict(),
-                batch=case.batch_rows,
-                seq=case.seq,
-                tokens=case.batch_rows * case.seq,
-                step_seconds=times[case.name],
-                median_seconds=seconds,
-                first_call_seconds=first[case.name],
-                flops=count,
-                hardware_flops=hardware,
-                xla_over_hardware=count["xla"]["unrolled"] / hardware,
-                xla_dots_over_hardware_matmuls=count["xla"]["unrolled_dots"]
-                / count["hardware"]["total"],
-                xla_as_compiled_over_hardware=count["xla"]["as_compiled"] / hardware,
-                model_flops_per_second=model_flops / seconds,
-                hardware_flops_per_second=hardware / seconds,
-                mfu=model_flops / seconds / peak,
-                hfu=hardware / seconds / peak,
-            )
-        )
-        print(
-            f"{case.name}: {spread(times[case.name])}s, MFU {results[-1]['mfu']:.1%}",
-            flush=True,
-        )
 
-    larger = results[-1]
-    breakdown = None
-    if larger["mfu"] < MFU_TARGET or args.quick or args.breakdown:
-        parts = part_programs(cases[-1])
-        part_first, part_times = time_interleaved(parts, args.repeats)
-        breakdown = dict(
-            seconds={name: part_times[name] for name in parts},
-            median_seconds={name: _common.median(part_times[name]) for name in parts},
-            first_call_seconds=part_first,
-        )
+def _result(case: Case, count: dict, timing, peak: float) -> dict:
+    seconds = timing.median
+    model_flops = count["model"]["total"]
+    hardware = count["hardware"]["total"] + count["optimizer"]
+    return dict(
+        name=case.name,
+        config=case.config.to_dict(),
+        batch=case.batch_rows,
+        seq=case.seq,
+        tokens=case.batch_rows * case.seq,
+        step_seconds=timing.seconds,
+        median_seconds=seconds,
+        first_call_seconds=timing.first_call_seconds,
+        flops=count,
+        hardware_flops=hardware,
+        xla_over_hardware=count["xla"]["unrolled"] / hardware,
+        xla_dots_over_hardware_matmuls=count["xla"]["unrolled_dots"]
+        / count["hardware"]["total"],
+        xla_as_compiled_over_hardware=count["xla"]["as_compiled"] / hardware,
+        model_flops_per_second=model_flops / seconds,
+        hardware_flops_per_second=hardware / seconds,
+        mfu=model_flops / seconds / peak,
+        hfu=hardware / seconds / peak,
+    )
 
-    ce_first, ce_times = time_interleaved(
-        ce_programs(args.ce_tokens, args.ce_dim, ce_vocabs, config.loss_chunk_size),
+
+def _peak(args, config, matmul_seconds: list[float]) -> dict:
+    """The peak MFU is measured against: on CPU the matmul timed in this run, on an
+    accelerator the chip's published peak (or the matmul where it is not listed)."""
+    device_kind = str(jax.devices()[0].device_kind)
+    measured = 2 * args.matmul**3 / _common.median(matmul_seconds)
+    published = published_peak(device_kind, peak_dtype(config))
+    on_cpu = jax.default_backend() == "cpu"
+    source = "measured matmul" if on_cpu else "published spec"
+    if not on_cpu and not published:
+        source = "measured matmul (chip not listed)"
+    return dict(
+        flops_per_second=(measured if on_cpu else published) or measured,
+        source=source,
+        measured_matmul_flops_per_second=measured,
+        matmul_seconds=matmul_seconds,
+        published_flops_per_second=published,
+        device_kind=device_kind,
+    )
+
+
+def _cross_entropy(args, chunk: int) -> list[dict]:
+    """Fused against naive cross-entropy, loss + gradients, per vocabulary."""
+    vocabs = [int(v) for v in args.ce_vocabs.split(",")]
+    programs = ce_programs(
+        args.ce_tokens, args.ce_dim, vocabs, chunk, ("naive", "fused")
+    )
+    timings = time_interleaved(
+        {f"ce {impl} V={vocab}": p for (vocab, impl), p in programs.items()},
         args.ce_repeats,
     )
-    ce = []
-    for vocab in ce_vocabs:
-        naive = ce_times[f"ce naive V={vocab}"]
-        fused = ce_times[f"ce fused V={vocab}"]
-        ce.append(
+    results = []
+    for vocab in vocabs:
+        naive = timings[f"ce naive V={vocab}"].seconds
+        fused = timings[f"ce fused V={vocab}"].seconds
+        results.append(
             dict(
                 vocab=vocab,
                 naive_seconds=naive,
@@ -575,7 +225,41 @@ def main():
                 ratios=[f / n for f, n in zip(fused, naive)],
             )
         )
+    return results
 
+
+def main():
+    args = _parser().parse_args()
+    _common.start(args)
+    cases = _cases(args)
+    counts = {}
+    for case in cases:
+        case.setup()
+        counts[case.name] = _count(case)
+
+    programs = {case.name: case.step for case in cases}
+    programs["matmul"] = matmul_program(args.matmul, jnp.float32)
+    timings = time_interleaved(programs, args.repeats)
+    config, job = cases[0].config, cases[0].job
+    peak = _peak(args, config, timings["matmul"].seconds)
+    results = []
+    for case in cases:
+        timing = timings[case.name]
+        results.append(
+            _result(case, counts[case.name], timing, peak["flops_per_second"])
+        )
+        print(f"{case.name}: {timing.spread()}s, MFU {results[-1]['mfu']:.1%}")
+
+    breakdown = None
+    if results[-1]["mfu"] < MFU_TARGET or args.quick or args.breakdown:
+        parts = time_interleaved(part_programs(cases[-1]), args.repeats)
+        breakdown = dict(
+            seconds={name: t.seconds for name, t in parts.items()},
+            median_seconds={name: t.median for name, t in parts.items()},
+            first_call_seconds={
+                name: t.first_call_seconds for name, t in parts.items()
+            },
+        )
     payload = dict(
         benchmark="mfu",
         environment=_common.environment(),
@@ -589,23 +273,15 @@ def main():
             mtp_weight=job.mtp_weight,
             optimizer="make_optimizer (AdamW, clipping)",
         ),
-        peak=dict(
-            flops_per_second=peak,
-            source=peak_source,
-            measured_matmul_flops_per_second=measured_peak,
-            matmul_seconds=times["matmul"],
-            published_flops_per_second=published,
-            device_kind=device_kind,
-        ),
+        peak=peak,
         results=results,
         breakdown=breakdown,
-        cross_entropy=ce,
+        cross_entropy=_cross_entropy(args, config.loss_chunk_size),
     )
-    _common.write_results("mfu", payload, args)
-    _common.write_doc_section("mfu", doc_section(payload, args), args)
+    _common.publish("mfu", payload, doc_section(payload), args)
 
 
-def doc_section(payload: dict, args) -> str:
+def doc_section(payload: dict) -> str:
     env, peak = payload["environment"], payload["peak"]
     command = " ".join(["python benchmarks/mfu.py"] + sys.argv[1:])
     rows = []

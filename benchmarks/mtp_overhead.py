@@ -16,13 +16,12 @@ one repeat.
 
 from __future__ import annotations
 
-import time
-
 import _common
 import equinox as eqx
 import jax
 import optax
 from _flops import forward_flops_per_token
+from _timing import time_interleaved
 
 import eqx_mtp
 
@@ -46,104 +45,29 @@ def make_step(config: eqx_mtp.ModelConfig, mtp_weight: float):
     return step, model, opt_state
 
 
-def main():
-    parser = _common.model_parser(
-        __doc__.split("\n")[0], batch=4, seq=512, dim=256, mlp_dim=704, layers=4
-    )
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--vocab", type=int, default=8192)
-    args = parser.parse_args()
-    _common.start(args)
-    depths = [0, 1, 2, 4]
-    if args.quick:
-        args.batch, args.seq, args.dim, args.mlp_dim = 2, 64, 64, 128
-        args.layers, args.vocab, args.repeats = 1, 1024, 1
-        depths = [0, 1]
-
-    configs = {
-        d: _common.model_config(args, vocab=args.vocab, num_depths=d) for d in depths
-    }
-    tokens = jax.random.randint(
-        jax.random.key(1), (args.batch, args.seq), 0, args.vocab
-    )
-    states, compile_seconds = {}, {}
-    for d in depths:
-        step, model, opt_state = make_step(configs[d], mtp_weight=0.3)
-        start = time.perf_counter()
-        model, opt_state, loss = step(model, opt_state, tokens)
-        jax.block_until_ready(loss)
-        compile_seconds[d] = time.perf_counter() - start
-        states[d] = (step, model, opt_state)
-        print(
-            f"D={d}: first call (compile + run) {compile_seconds[d]:.1f}s", flush=True
-        )
-
-    times = {d: [] for d in depths}
-    for repeat in range(args.repeats):
-        for d in depths:
-            step, model, opt_state = states[d]
-            start = time.perf_counter()
-            model, opt_state, loss = step(model, opt_state, tokens)
-            jax.block_until_ready((model, opt_state, loss))
-            times[d].append(time.perf_counter() - start)
-            states[d] = (step, model, opt_state)
-            print(f"repeat {repeat} D={d}: {times[d][-1]:.3f}s", flush=True)
-
-    tokens_per_step = args.batch * args.seq
-    flops = {d: forward_flops_per_token(configs[d], args.seq) for d in depths}
-    medians = {d: _common.median(times[d]) for d in depths}
-    rows, results = [], []
-    for d in depths:
-        flop_ratio = flops[d]["total"] / flops[0]["total"]
-        time_ratio = medians[d] / medians[0]
-        train_flops = 3 * flops[d]["total"] * tokens_per_step
-        results.append(
-            dict(
-                num_depths=d,
-                step_seconds=times[d],
-                median_seconds=medians[d],
-                first_call_seconds=compile_seconds[d],
-                forward_flops_per_token=flops[d],
-                train_flops_per_step=train_flops,
-                time_ratio=time_ratio,
-                flop_ratio=flop_ratio,
-                relative_gap=time_ratio / flop_ratio - 1,
-            )
-        )
+def doc_section(payload: dict, args) -> str:
+    """The docs section: a row per D, then the target."""
+    results = payload["results"]
+    rows = []
+    for r in results:
+        times, median = r["step_seconds"], r["median_seconds"]
         rows.append(
             [
-                d,
-                f"{medians[d]:.3f}",
-                f"{min(times[d]):.3f}–{max(times[d]):.3f}",
-                f"{train_flops / medians[d] / 1e9:.0f}",
-                f"{time_ratio:.2f}",
-                f"{flop_ratio:.2f}",
-                f"{100 * (time_ratio / flop_ratio - 1):+.1f}%",
+                r["num_depths"],
+                f"{median:.3f}",
+                f"{min(times):.3f}–{max(times):.3f}",
+                f"{r['train_flops_per_step'] / median / 1e9:.0f}",
+                f"{r['time_ratio']:.2f}",
+                f"{r['flop_ratio']:.2f}",
+                f"{100 * r['relative_gap']:+.1f}%",
             ]
         )
-    payload = dict(
-        benchmark="mtp_overhead",
-        quick=args.quick,
-        environment=_common.environment(),
-        settings=_common.model_settings(
-            args,
-            vocab=args.vocab,
-            repeats=args.repeats,
-            mtp_block="transformer",
-            loss_impl="fused",
-            optimizer="optax.adamw",
-        ),
-        results=results,
-    )
-    _common.write_results("mtp_overhead", payload, args)
-    env = payload["environment"]
     worst = max(abs(r["relative_gap"]) for r in results)
     lines = [
         "## MTP overhead",
         "",
-        f"`python benchmarks/mtp_overhead.py{' --quick' if args.quick else ''}` "
-        f"({env['date']}, {env['device']}, {env['cpu_count']} CPU cores shared with "
-        f"other jobs, load average {env['load_average']}). One training step (fused "
+        f"{_common.run_line('mtp_overhead.py', payload['environment'])}. One "
+        "training step (fused "
         f"loss, gradient, optax AdamW update) at {args.batch} × {args.seq} tokens, dim "
         f"{args.dim}, {args.layers} trunk layers, mlp {args.mlp_dim}, vocab "
         f"{args.vocab}, transformer depth blocks; median of {args.repeats} interleaved "
@@ -167,7 +91,79 @@ def main():
         f"**Target** time ratio within 10% of the FLOP ratio: largest gap "
         f"{100 * worst:.1f}%.",
     ]
-    _common.write_doc_section("mtp_overhead", "\n".join(lines), args)
+    return "\n".join(lines)
+
+
+def main():
+    parser = _common.model_parser(
+        __doc__.split("\n")[0], batch=4, seq=512, dim=256, mlp_dim=704, layers=4
+    )
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--vocab", type=int, default=8192)
+    args = parser.parse_args()
+    _common.start(args)
+    depths = [0, 1, 2, 4]
+    if args.quick:
+        args.batch, args.seq, args.dim, args.mlp_dim = 2, 64, 64, 128
+        args.layers, args.vocab, args.repeats = 1, 1024, 1
+        depths = [0, 1]
+
+    configs = {
+        d: _common.model_config(args, vocab=args.vocab, num_depths=d) for d in depths
+    }
+    tokens = jax.random.randint(
+        jax.random.key(1), (args.batch, args.seq), 0, args.vocab
+    )
+
+    def program(d):
+        step, model, opt_state = make_step(configs[d], mtp_weight=0.3)
+        state = [model, opt_state]
+
+        def run():
+            state[0], state[1], loss = step(*state, tokens)
+            return state, loss
+
+        return run
+
+    timings = time_interleaved({f"D={d}": program(d) for d in depths}, args.repeats)
+    times = {d: timings[f"D={d}"].seconds for d in depths}
+    compile_seconds = {d: timings[f"D={d}"].first_call_seconds for d in depths}
+
+    tokens_per_step = args.batch * args.seq
+    flops = {d: forward_flops_per_token(configs[d], args.seq) for d in depths}
+    medians = {d: _common.median(times[d]) for d in depths}
+    results = []
+    for d in depths:
+        flop_ratio = flops[d]["total"] / flops[0]["total"]
+        time_ratio = medians[d] / medians[0]
+        train_flops = 3 * flops[d]["total"] * tokens_per_step
+        results.append(
+            dict(
+                num_depths=d,
+                step_seconds=times[d],
+                median_seconds=medians[d],
+                first_call_seconds=compile_seconds[d],
+                forward_flops_per_token=flops[d],
+                train_flops_per_step=train_flops,
+                time_ratio=time_ratio,
+                flop_ratio=flop_ratio,
+                relative_gap=time_ratio / flop_ratio - 1,
+            )
+        )
+    payload = dict(
+        benchmark="mtp_overhead",
+        environment=_common.environment(),
+        settings=_common.model_settings(
+            args,
+            vocab=args.vocab,
+            repeats=args.repeats,
+            mtp_block="transformer",
+            loss_impl="fused",
+            optimizer="optax.adamw",
+        ),
+        results=results,
+    )
+    _common.publish("mtp_overhead", payload, doc_section(payload, args), args)
 
 
 if __name__ == "__main__":

@@ -52,10 +52,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from _step import job_optimizer, step_arguments
+from _timing import time_interleaved
 
 import eqx_mtp
 from eqx_mtp._attention import resolve_attention_impl
-from eqx_mtp.train._job import TrainConfig
+from eqx_mtp.train import TrainConfig
 from eqx_mtp.train._train_step import _donating_train_step
 
 MiB = 2**20
@@ -63,26 +65,6 @@ MiB = 2**20
 # 1e-7 (tests/test_naive_baseline.py holds them to 1e-5); a larger gap is a bug.
 LOSS_RTOL = 1e-4
 QUICK = dict(batch_size=2, seq_len=32, dim=32, num_layers=1, mlp_dim=64)
-
-
-def _timing(seconds: list[float], cpu_seconds: list[float]) -> dict:
-    return dict(
-        seconds=seconds,
-        median_seconds=_common.median(seconds),
-        min_seconds=min(seconds),
-        max_seconds=max(seconds),
-        cpu_seconds=cpu_seconds,
-        median_cpu_seconds=_common.median(cpu_seconds),
-    )
-
-
-def _blocked_call(fn, *args) -> tuple[float, float, object]:
-    """Wall-clock and CPU seconds (this process's, every thread's) of `fn(*args)`.
-    On a machine shared with other jobs the CPU seconds measure the step's own work
-    more steadily than the wall clock does."""
-    start, cpu_start = time.perf_counter(), time.process_time()
-    out = jax.block_until_ready(fn(*args))
-    return time.perf_counter() - start, time.process_time() - cpu_start, out
 
 
 def _lower_and_compile(jitted, *args) -> dict:
@@ -98,20 +80,6 @@ def _lower_and_compile(jitted, *args) -> dict:
         lower_seconds=lowered_at - start,
         compile_seconds=compiled_at - lowered_at,
         temp_bytes=inner.memory_analysis().temp_size_in_bytes,
-    )
-
-
-def make_optimizer(train: TrainConfig, model) -> optax.GradientTransformation:
-    """The optimizer `eqx-mtp train` builds from `train`."""
-    return eqx_mtp.train.make_optimizer(
-        model,
-        learning_rate=train.learning_rate,
-        total_steps=train.steps,
-        warmup_steps=train.warmup_steps,
-        min_learning_rate_ratio=train.min_learning_rate_ratio,
-        weight_decay=train.weight_decay,
-        grad_clip=train.grad_clip,
-        depth_grad_clip=train.depth_grad_clip,
     )
 
 
@@ -141,22 +109,23 @@ def setup(train: TrainConfig, num_depths: int, tokens, segment_ids, positions):
     train = dataclasses.replace(train, num_depths=num_depths)
     config = train.model_config()
     model = eqx_mtp.MTPModel(config, key=jax.random.key(train.seed))
-    optimizer = make_optimizer(train, model)
+    optimizer = job_optimizer(train, model)
     params, static = eqx.partition(model, eqx.is_array)
     mtp_weight = float(eqx_mtp.parse_mtp_weight(train.mtp_weight))
 
     batch = dict(
         tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None]
     )
-    kept = (
+    arguments = step_arguments(
         optimizer,
         batch,
         np.float32(mtp_weight),
         train.reduction,
-        None,
-        eqx_mtp.DEFAULT_RULES,
+        model,
+        optimizer.init(params),
     )
-    ours = _lower_and_compile(_donating_train_step, kept, model, optimizer.init(params))
+    kept = arguments[0]
+    ours = _lower_and_compile(_donating_train_step, *arguments)
     naive_jitted = naive_step(optimizer, static, mtp_weight)
     # Fresh copies: each step donates its own parameters and state.
     naive_params = jax.tree.map(jnp.copy, params)
@@ -164,34 +133,53 @@ def setup(train: TrainConfig, num_depths: int, tokens, segment_ids, positions):
         naive_jitted, naive_params, optimizer.init(params), tokens, segment_ids
     )
 
-    def run_ours(state):
-        model, opt_state = state
-        model, opt_state, metrics = ours["compiled"](kept, model, opt_state)
-        return (model, opt_state), metrics["loss"]
-
-    def run_naive(state):
-        params, opt_state = state
-        params, opt_state, loss = naive["compiled"](
-            params, opt_state, tokens, segment_ids
-        )
-        return (params, opt_state), loss
-
     states = dict(
-        ours=(jax.tree.map(jnp.copy, model), optimizer.init(params)),
-        naive=(naive_params, optimizer.init(params)),
+        ours=[jax.tree.map(jnp.copy, model), optimizer.init(params)],
+        naive=[naive_params, optimizer.init(params)],
     )
-    runs = dict(ours=run_ours, naive=run_naive)
+
+    # Each returns its new state too, so that the timed call ends when all of it
+    # is ready.
+    def run_ours():
+        state = states["ours"]
+        state[0], state[1], metrics = ours["compiled"](kept, *state)
+        return metrics["loss"], state
+
+    def run_naive():
+        state = states["naive"]
+        state[0], state[1], loss = naive["compiled"](*state, tokens, segment_ids)
+        return loss, state
+
     record = dict(num_depths=num_depths)
     for name, measured in (("ours", ours), ("naive", naive)):
-        seconds, _, (states[name], loss) = _blocked_call(runs[name], states[name])
-        record[name] = dict(
-            lower_seconds=measured["lower_seconds"],
-            compile_seconds=measured["compile_seconds"],
-            first_call_seconds=seconds,
-            temp_bytes=measured["temp_bytes"],
-            first_loss=float(loss),
-        )
-    return record, runs, states
+        record[name] = {
+            key: measured[key]
+            for key in ("lower_seconds", "compile_seconds", "temp_bytes")
+        }
+    print(
+        f"D={num_depths}: lower+compile ours {ours['lower_seconds']:.1f}+"
+        f"{ours['compile_seconds']:.1f}s, naive {naive['lower_seconds']:.1f}+"
+        f"{naive['compile_seconds']:.1f}s; temp ours "
+        f"{ours['temp_bytes'] / MiB:.1f} MiB, naive "
+        f"{naive['temp_bytes'] / MiB:.1f} MiB",
+        flush=True,
+    )
+    return record, dict(ours=run_ours, naive=run_naive)
+
+
+def _ratios(ours: dict, naive: dict) -> dict:
+    """Ours over naive: step time (medians, and the least and greatest ratio of a
+    repeat's pair), CPU time, compile time, temp memory."""
+    paired = [o / n for o, n in zip(ours["seconds"], naive["seconds"])]
+    return dict(
+        step_time=ours["median_seconds"] / naive["median_seconds"],
+        step_time_paired_min=min(paired),
+        step_time_paired_max=max(paired),
+        step_cpu_time=ours["median_cpu_seconds"] / naive["median_cpu_seconds"],
+        compile_time=(ours["lower_seconds"] + ours["compile_seconds"])
+        / (naive["lower_seconds"] + naive["compile_seconds"]),
+        temp_memory=ours["temp_bytes"] / naive["temp_bytes"],
+    )
 
 
 def main():
@@ -227,55 +215,30 @@ def main():
         # equinox, optax and eqx_mtp) would otherwise land on the first D measured.
         # Left out of a smoke run, whose compile times mean nothing.
         if not args.quick:
-            setup(train, depths[0], tokens, segment_ids, positions)
+            _, warm = setup(train, depths[0], tokens, segment_ids, positions)
+            for program in warm.values():
+                jax.block_until_ready(program())
             jax.clear_caches()
-        records, runs, states = {}, {}, {}
+        records, programs = {}, {}
         for d in depths:
-            records[d], runs[d], states[d] = setup(
-                train, d, tokens, segment_ids, positions
-            )
-            ours, naive = records[d]["ours"], records[d]["naive"]
-            print(
-                f"D={d}: lower+compile ours {ours['lower_seconds']:.1f}+"
-                f"{ours['compile_seconds']:.1f}s, naive {naive['lower_seconds']:.1f}+"
-                f"{naive['compile_seconds']:.1f}s; temp ours "
-                f"{ours['temp_bytes'] / MiB:.1f} MiB, naive "
-                f"{naive['temp_bytes'] / MiB:.1f} MiB; first-step loss ours "
-                f"{ours['first_loss']:.6f}, naive {naive['first_loss']:.6f}",
-                flush=True,
-            )
-        times = {(d, name): [] for d in depths for name in ("ours", "naive")}
-        cpu_times = {key: [] for key in times}
-        for repeat in range(args.repeats):
-            for d in depths:
-                for name in ("ours", "naive"):
-                    seconds, cpu_seconds, (states[d][name], _) = _blocked_call(
-                        runs[d][name], states[d][name]
-                    )
-                    times[(d, name)].append(seconds)
-                    cpu_times[(d, name)].append(cpu_seconds)
-                    print(
-                        f"repeat {repeat} D={d} {name}: {seconds:.3f}s "
-                        f"({cpu_seconds:.3f}s of CPU)",
-                        flush=True,
-                    )
+            records[d], runs = setup(train, d, tokens, segment_ids, positions)
+            programs |= {f"D={d} {name}": run for name, run in runs.items()}
+        # Interleaved: ours, naive, for every D, then again.
+        timings = time_interleaved(programs, args.repeats)
 
     results = []
     for d in depths:
         record = records[d]
         for name in ("ours", "naive"):
-            record[name].update(_timing(times[(d, name)], cpu_times[(d, name)]))
+            timing = timings[f"D={d} {name}"]
+            record[name] |= timing.record() | dict(first_loss=float(timing.first[0]))
         ours, naive = record["ours"], record["naive"]
-        paired = [o / n for o, n in zip(times[(d, "ours")], times[(d, "naive")])]
-        record["ratios"] = dict(
-            step_time=ours["median_seconds"] / naive["median_seconds"],
-            step_time_paired_min=min(paired),
-            step_time_paired_max=max(paired),
-            step_cpu_time=ours["median_cpu_seconds"] / naive["median_cpu_seconds"],
-            compile_time=(ours["lower_seconds"] + ours["compile_seconds"])
-            / (naive["lower_seconds"] + naive["compile_seconds"]),
-            temp_memory=ours["temp_bytes"] / naive["temp_bytes"],
+        print(
+            f"D={d}: first-step loss ours {ours['first_loss']:.6f}, naive "
+            f"{naive['first_loss']:.6f}",
+            flush=True,
         )
+        record["ratios"] = _ratios(ours, naive)
         record["first_loss_relative_difference"] = abs(
             ours["first_loss"] - naive["first_loss"]
         ) / abs(naive["first_loss"])
@@ -283,7 +246,6 @@ def main():
 
     payload = dict(
         benchmark="naive_baseline",
-        quick=args.quick,
         environment=_common.environment(),
         settings=dict(
             batch=train.batch_size,

@@ -13,7 +13,7 @@ import pytest
 from helpers import kill_group, start_process, wait_all
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# The suite takes about 2.7 minutes of CPU (7.5 minutes of wall clock on 2 cores
+# The suite takes about 3 minutes of CPU (6 to 8 minutes of wall clock on 2 cores
 # shared with other jobs); the bound catches a hang, e.g. a process waiting for peers.
 TIMEOUT_S = 900
 ENVIRONMENT_KEYS = {
