@@ -29,6 +29,27 @@ settings.register_profile("eqx_mtp", max_examples=15, deadline=None)
 settings.load_profile("eqx_mtp")
 
 
+# The contributor's quick tier is `pytest -m "not slow"`: these files are marked slow
+# whole, besides the tests marked one by one (multi-process runs, the benchmark smoke
+# run). Each runs the training job end to end, a docs page, or the loss on 8 simulated
+# devices: the full suite (CI) runs them.
+SLOW_FILES = {
+    "test_train.py",
+    "test_init_from.py",
+    "test_generate_cli.py",
+    "test_own_loop.py",
+    "test_frozen_trunk.py",
+    "test_docs_examples.py",
+    "test_sharded_loss.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def getkey():
     """A fresh PRNG key on every call."""
