@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Shaped
 
+from ._config import ModelConfig
 from ._llama_weights import leaf_at, with_arrays
 from ._model import MTPModel
 
@@ -84,6 +85,39 @@ def load_maxtext_mtp(
 
     The new model; arrays converted to float32.
     """
+    config = _check_model(model, params)
+    flat = _flatten(params)
+    if all(name.startswith("params/") for name in flat):
+        flat = {name.removeprefix("params/"): value for name, value in flat.items()}
+    stacked = _depth_layers(flat, config.num_depths, keep_depth_blocks)
+    _, embedding = _find(flat, ("token_embedder/embedding",), "token embedding")
+    _, final_norm = _find(flat, ("decoder/decoder_norm/scale",), "decoder norm")
+    head = flat.get("decoder/logits_dense/kernel")
+    if head is None and not config.tie_embeddings:
+        raise ValueError(
+            "load_maxtext_mtp: params has no decoder/logits_dense/kernel (MaxText's "
+            "logits_via_embedding); build model with tie_embeddings=True"
+        )
+    if head is not None and config.tie_embeddings:
+        raise ValueError(
+            "load_maxtext_mtp: params has decoder/logits_dense/kernel, an untied "
+            "head; build model with tie_embeddings=False"
+        )
+    replacements = {
+        "trunk.embedding": embedding,
+        "trunk.final_norm.weight": final_norm,
+        "depths.depths.enorm.weight": stacked["enorm"],
+        "depths.depths.hnorm.weight": stacked["hnorm"],
+        "depths.depths.eh_proj.weight": np.swapaxes(stacked["eh_proj"], 1, 2),
+    }
+    if head is not None:
+        replacements["trunk.unembedding"] = np.asarray(head, np.float32).T
+    return _replaced(_with_norm_eps(model, norm_eps), replacements)
+
+
+def _check_model(model, params) -> ModelConfig:
+    """`model`'s config, once `model` and `params` are of the kinds MaxText's MTP
+    parameters can be loaded into."""
     if not isinstance(model, MTPModel):
         raise TypeError(f"model must be an eqx_mtp.MTPModel, got {type(model)}")
     if not isinstance(params, Mapping):
@@ -100,12 +134,15 @@ def load_maxtext_mtp(
             "load_maxtext_mtp: MaxText's depths share the decoder's final norm; build "
             "model with depth_final_norm=False"
         )
-    flat = _flatten(params)
-    if all(name.startswith("params/") for name in flat):
-        flat = {name.removeprefix("params/"): value for name, value in flat.items()}
+    return config
 
+
+def _depth_layers(flat, num_depths: int, keep_depth_blocks: bool) -> dict:
+    """MaxText's per-depth arrays of `_DEPTH_FIELDS`, stacked over the depths; its
+    depth transformer layers are refused unless `keep_depth_blocks`, and depths beyond
+    `num_depths` always."""
     layers = {}
-    for k in range(1, config.num_depths + 1):
+    for k in range(1, num_depths + 1):
         prefix = f"mtp_block/mtp_layer_{k}/"
         inner = {
             name.removeprefix(prefix): value
@@ -115,7 +152,7 @@ def load_maxtext_mtp(
         if not inner:
             raise ValueError(
                 f"load_maxtext_mtp: params has no {prefix[:-1]} for depth {k} of "
-                f"num_depths={config.num_depths}"
+                f"num_depths={num_depths}"
             )
         for field, names in _DEPTH_FIELDS.items():
             candidates = tuple(name.format(k=k) for name in names)
@@ -134,52 +171,30 @@ def load_maxtext_mtp(
             )
     extra = sorted(
         {name.split("/")[1] for name in flat if name.startswith("mtp_block/")}
-        - {f"mtp_layer_{k}" for k in range(1, config.num_depths + 1)}
+        - {f"mtp_layer_{k}" for k in range(1, num_depths + 1)}
     )
     if extra:
         raise ValueError(
             f"load_maxtext_mtp: params has {', '.join(extra)} beyond "
-            f"num_depths={config.num_depths}"
+            f"num_depths={num_depths}"
         )
+    return {field: np.stack(values) for field, values in layers.items()}
 
-    _, embedding = _find(flat, ("token_embedder/embedding",), "token embedding")
-    _, final_norm = _find(flat, ("decoder/decoder_norm/scale",), "decoder norm")
-    head = flat.get("decoder/logits_dense/kernel")
-    if head is None and not config.tie_embeddings:
-        raise ValueError(
-            "load_maxtext_mtp: params has no decoder/logits_dense/kernel (MaxText's "
-            "logits_via_embedding); build model with tie_embeddings=True"
-        )
-    if head is not None and config.tie_embeddings:
-        raise ValueError(
-            "load_maxtext_mtp: params has decoder/logits_dense/kernel, an untied "
-            "head; build model with tie_embeddings=False"
-        )
 
-    stacked = {field: np.stack(values) for field, values in layers.items()}
-    stacked["eh_proj"] = np.swapaxes(stacked["eh_proj"], 1, 2)
-    replacements = {
-        "trunk.embedding": embedding,
-        "trunk.final_norm.weight": final_norm,
-        "depths.depths.enorm.weight": stacked["enorm"],
-        "depths.depths.hnorm.weight": stacked["hnorm"],
-        "depths.depths.eh_proj.weight": stacked["eh_proj"],
-    }
-    if head is not None:
-        replacements["trunk.unembedding"] = np.asarray(head, np.float32).T
-
-    rebuilt = _with_norm_eps(model, norm_eps)
+def _replaced(model: MTPModel, replacements: dict) -> MTPModel:
+    """`model` with the leaf at each path of `replacements` replaced by its value, whose
+    shape must be the leaf's."""
     for path, value in replacements.items():
-        current = leaf_at(rebuilt, path)
+        current = leaf_at(model, path)
         if value.shape != current.shape:
             raise ValueError(
                 f"load_maxtext_mtp: {path} would take shape {value.shape} from "
                 f"params, but the model's is {current.shape}"
             )
-        rebuilt = eqx.tree_at(
-            lambda m, path=path: leaf_at(m, path), rebuilt, jnp.asarray(value)
+        model = eqx.tree_at(
+            lambda m, path=path: leaf_at(m, path), model, jnp.asarray(value)
         )
-    return rebuilt
+    return model
 
 
 def _with_norm_eps(model: MTPModel, norm_eps: float) -> MTPModel:
