@@ -21,8 +21,16 @@ from ._data import (
     pack_documents as pack_documents,
     split_documents as split_documents,
 )
+from ._config import (
+    DataConfig as DataConfig,
+    MeshConfig as MeshConfig,
+    ObjectiveConfig as ObjectiveConfig,
+    OptimizerConfig as OptimizerConfig,
+    RunConfig as RunConfig,
+    TrainConfig as TrainConfig,
+)
 from ._eval import evaluate as evaluate
-from ._job import TrainConfig as TrainConfig, train as train
+from ._job import train as train
 from ._preemption import EXIT_PREEMPTED as EXIT_PREEMPTED, Preempted as Preempted
 from ._train_step import (
     accumulated_loss_and_grad as accumulated_loss_and_grad,

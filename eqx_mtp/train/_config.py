@@ -192,7 +192,7 @@ JOB_MODEL_FIELDS = (
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `eqx-mtp train` needs, in sections; build it from flags or a file
-    with [`eqx_mtp.train.TrainConfig.from_dict`][].
+    with `eqx_mtp.train.TrainConfig.from_dict`.
 
     **Arguments:**
 
@@ -202,11 +202,11 @@ class TrainConfig:
     - `init_from`: a Hugging Face Llama-family checkpoint directory to start from (see
         [`eqx_mtp.interop.load_llama`][]); the documents are then token ids (a
         `.jsonl` with a `tokens` field).
-    - `objective`: an [`eqx_mtp.train.ObjectiveConfig`][].
-    - `optimizer`: an [`eqx_mtp.train.OptimizerConfig`][].
-    - `data`: an [`eqx_mtp.train.DataConfig`][].
-    - `run`: an [`eqx_mtp.train.RunConfig`][].
-    - `mesh`: an [`eqx_mtp.train.MeshConfig`][].
+    - `objective`: an `eqx_mtp.train.ObjectiveConfig`.
+    - `optimizer`: an `eqx_mtp.train.OptimizerConfig`.
+    - `data`: an `eqx_mtp.train.DataConfig`.
+    - `run`: an `eqx_mtp.train.RunConfig`.
+    - `mesh`: an `eqx_mtp.train.MeshConfig`.
 
     `model.remat`, `attention_impl`, `attention_block_size` and `compute_dtype`, like
     the mesh, may change when a run continues: they change how a step is computed and

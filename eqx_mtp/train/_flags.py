@@ -204,6 +204,8 @@ def flat_fields(values: dict[str, Any], *, where: str = "") -> dict[str, Any]:
     """
     prefix = f"{where}: " if where else ""
     flat = _flatten(values)
+    if "max_seq_len" in flat and flat["max_seq_len"] is None:
+        del flat["max_seq_len"]  # null, as the flat layout writes it: follow seq_len
     unknown = sorted(set(flat) - set(FIELD_PLACES))
     if unknown:
         raise UserError(f"{prefix}unknown fields: {', '.join(unknown)}")
@@ -220,7 +222,7 @@ def flat_fields(values: dict[str, Any], *, where: str = "") -> dict[str, Any]:
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """The fields of a JSON or TOML file, nested or flat (see
-    [`eqx_mtp.train.TrainConfig.from_dict`][]), under their flat names."""
+    `eqx_mtp.train.TrainConfig.from_dict`), under their flat names."""
     path = pathlib.Path(path)
     if not path.is_file():
         raise UserError(f"--config: no such file: {path}")

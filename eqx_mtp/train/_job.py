@@ -17,27 +17,23 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .._config import ModelConfig
-from .._mesh import batch_sharding, make_mesh
+from .._mesh import batch_sharding
 from .._schedule import parse_mtp_weight
 from ._checkpoint import Checkpointer, CheckpointError, write_json
 from ._config import TrainConfig, UserError
 from ._data import (
-    DataError,
     TrainBatches,
-    eval_batches,
-    is_token_corpus,
-    load_documents,
-    max_token_id,
-    split_documents,
 )
-from ._distributed import global_array, initialize, is_primary, process_box
+from ._distributed import global_array, initialize, is_primary
 from ._eval import evaluate
 from ._flags import RESUMABLE_FIELDS, resume_differences, stored_config
 from ._init import init_model, init_opt_state, parameter_counts
+from ._inputs import job_data, job_mesh
 from ._preemption import Preempted, StopRequests
 from ._run_directory import (
     Discard,
     create_run_directory,
+    format_summary,
     has_checkpoints,
     log,
     open_metrics,
@@ -131,8 +127,7 @@ def _set_up(config: TrainConfig) -> _Job | dict:
         )
     except ValueError as error:
         raise UserError(str(error)) from None
-    mesh = _make_mesh(config)
-    _check_batch_fits(config, mesh)
+    mesh = job_mesh(config)
     run = run_directory(config.run.directory, resume=config.run.resume)
     # Start or continue, as MaxText and Levanter do: a scheduler restarts a
     # preempted job with the command that first launched it.
@@ -165,7 +160,7 @@ def _set_up(config: TrainConfig) -> _Job | dict:
 
 def _build(config, run, mesh, checkpointer, stored) -> _Job:
     """Data, model and optimizer state, fresh or restored from `checkpointer`."""
-    batches, evaluation = _data(config, mesh)
+    batches, evaluation = job_data(config, mesh)
     loss_mesh = mesh if mesh.size > 1 else None
     model = init_model(config.model, config.run.seed, loss_mesh, config.init_from)
     optimizer = make_optimizer(
@@ -275,47 +270,6 @@ def _announce(job: _Job, continuing: bool) -> None:
         f"model: {trunk + depths:,} parameters (trunk {trunk:,}, depths {depths:,})",
         file=sys.stderr,
     )
-
-
-def _data(config: TrainConfig, mesh: Mesh) -> tuple[TrainBatches, list]:
-    """This process's training batches and the held-out batches."""
-    try:
-        documents = load_documents(config.data.path)
-    except DataError as error:
-        raise UserError(f"--data: {error}") from None
-    _check_corpus_fits_model(documents, config)
-    try:
-        train_docs, held_out = split_documents(
-            documents, eval_fraction=config.data.eval_fraction, seed=config.run.seed
-        )
-    except DataError:
-        raise UserError(
-            f"--data {config.data.path or '(the standard library)'}: holds "
-            f"{len(set(documents))} distinct document(s), too few to hold some out "
-            "for evaluation; give at least 2 (in a .txt, separate documents by a "
-            "blank line; or give a directory of files)"
-        ) from None
-    data = config.data
-    batch_shape = (data.micro_batches, data.batch_size // data.micro_batches)
-    _, local_rows, local_columns = process_box(
-        batch_sharding(mesh, 3), batch_shape + (data.seq_len,)
-    )
-    batches = TrainBatches(
-        train_docs,
-        seq_len=data.seq_len,
-        batch_size=data.batch_size,
-        seed=config.run.seed,
-        rows=[
-            m * batch_shape[1] + row
-            for m in range(data.micro_batches)
-            for row in range(local_rows.start, local_rows.stop)
-        ],
-        columns=local_columns,
-    )
-    evaluation = eval_batches(
-        held_out, seq_len=data.seq_len, batch_size=data.batch_size
-    )[: max(config.run.eval_batches, 1)]
-    return batches, evaluation
 
 
 @dataclasses.dataclass
@@ -487,75 +441,3 @@ def _finish(job: _Job, outcome: _Outcome) -> dict:
 
 def _format_losses(losses) -> str:
     return " ".join(f"{x:.3f}" for x in losses)
-
-
-def _make_mesh(config: TrainConfig) -> Mesh:
-    devices = jax.devices()
-    num_devices = config.mesh.num_devices
-    if num_devices is not None:
-        if jax.process_count() > 1:
-            raise UserError("--num-devices is for single-process runs")
-        if num_devices > len(devices):
-            raise UserError(
-                f"--num-devices={num_devices}, but there are {len(devices)}"
-            )
-        devices = devices[:num_devices]
-    try:
-        return make_mesh(**config.mesh.axis_sizes(), devices=devices)
-    except ValueError as error:
-        raise UserError(f"--mesh: {error}".replace("make_mesh: ", "")) from None
-
-
-def _check_batch_fits(config: TrainConfig, mesh: Mesh) -> None:
-    data = config.data
-    rows = data.batch_size // data.micro_batches
-    if rows % mesh.shape["data"]:
-        raise UserError(
-            f"--batch-size={data.batch_size} / --micro-batches={data.micro_batches} "
-            f"= {rows} rows per micro-batch cannot be split over the mesh's data "
-            f"axis of size {mesh.shape['data']}"
-        )
-    if data.seq_len % mesh.shape["context"]:
-        raise UserError(
-            f"--seq-len={data.seq_len} cannot be split over the mesh's context axis "
-            f"of size {mesh.shape['context']}"
-        )
-
-
-def _check_corpus_fits_model(documents, config: TrainConfig) -> None:
-    tokens = is_token_corpus(documents)
-    if config.init_from is not None and not tokens:
-        raise UserError(
-            "--init-from: a pretrained model reads its own tokenizer's ids; give "
-            "--data as a .jsonl file with a 'tokens' list per line"
-        )
-    if config.init_from is None and tokens:
-        raise UserError(
-            "--data holds token ids ('tokens' fields), which only a model loaded "
-            "with --init-from reads; the byte-level model reads text"
-        )
-    largest = max_token_id(documents)
-    if largest >= config.model.vocab_size:
-        raise UserError(
-            f"--data: token id {largest} is outside the vocabulary of "
-            f"{config.model.vocab_size} of --init-from's config.json"
-        )
-
-
-def format_summary(summary: dict) -> str:
-    """The final eval as a Markdown table: one row per depth."""
-    result = summary["eval"]
-    lines = [
-        f"run {summary['run']}, step {summary['step']}, "
-        f"{summary['tokens_per_second'] or 0:,.0f} tokens/s, held-out main loss "
-        f"{result['main_bits_per_byte']:.3f} bits/byte",
-        "",
-        "| depth | predicts | loss (nats) | top-1 accuracy | agreement with trunk |",
-        "|---|---|---|---|---|",
-    ]
-    for k, (loss, accuracy, agreement) in enumerate(
-        zip(result["depth_losses"], result["depth_accuracy"], result["depth_agreement"])
-    ):
-        agree = "—" if k == 0 else f"{agreement:.3f}"
-        lines.append(f"| {k} | t+{k + 1} | {loss:.3f} | {accuracy:.3f} | {agree} |")
-    return "\n".join(lines)

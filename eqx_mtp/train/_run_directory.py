@@ -105,3 +105,22 @@ def read_summary(run: pathlib.Path) -> dict | None:
         return json.loads((run / "summary.json").read_text())
     except (OSError, ValueError):
         return None
+
+
+def format_summary(summary: dict) -> str:
+    """The final eval as a Markdown table: one row per depth."""
+    result = summary["eval"]
+    lines = [
+        f"run {summary['run']}, step {summary['step']}, "
+        f"{summary['tokens_per_second'] or 0:,.0f} tokens/s, held-out main loss "
+        f"{result['main_bits_per_byte']:.3f} bits/byte",
+        "",
+        "| depth | predicts | loss (nats) | top-1 accuracy | agreement with trunk |",
+        "|---|---|---|---|---|",
+    ]
+    for k, (loss, accuracy, agreement) in enumerate(
+        zip(result["depth_losses"], result["depth_accuracy"], result["depth_agreement"])
+    ):
+        agree = "—" if k == 0 else f"{agreement:.3f}"
+        lines.append(f"| {k} | t+{k + 1} | {loss:.3f} | {accuracy:.3f} | {agree} |")
+    return "\n".join(lines)
