@@ -173,6 +173,11 @@ def _build(config, run, mesh, checkpointer, stored) -> _Job:
         grad_clip=config.optimizer.grad_clip,
         depth_grad_clip=config.optimizer.depth_grad_clip,
     )
+    opt_state = init_opt_state(optimizer, model, loss_mesh)
+    fresh = checkpointer is None
+    if fresh:
+        create_run_directory(run)
+        checkpointer = Checkpointer(run / "checkpoints", keep=config.run.keep)
     job = _Job(
         config=config,
         run=run,
@@ -182,15 +187,12 @@ def _build(config, run, mesh, checkpointer, stored) -> _Job:
         evaluation=evaluation,
         optimizer=optimizer,
         model=model,
-        opt_state=init_opt_state(optimizer, model, loss_mesh),
+        opt_state=opt_state,
         rng=jax.random.key(config.run.seed),
         checkpointer=checkpointer,
         stored=stored,
     )
-    if checkpointer is None:
-        create_run_directory(run)
-        job.checkpointer = Checkpointer(run / "checkpoints", keep=config.run.keep)
-    else:
+    if not fresh:
         _restore(job)
     return job
 
