@@ -74,7 +74,7 @@ MFU_TARGET = 0.40
 def default_job() -> tuple[eqx_mtp.ModelConfig, TrainConfig]:
     """The model `eqx-mtp train` builds with its default flags, and those flags."""
     job = TrainConfig()
-    return job.model_config(), job
+    return job.model, job
 
 
 def larger_model(config: eqx_mtp.ModelConfig) -> eqx_mtp.ModelConfig:
@@ -119,20 +119,20 @@ class Case:
 
     def setup(self):
         job = self.job
-        self.model = eqx_mtp.MTPModel(self.config, key=jax.random.key(job.seed))
+        self.model = eqx_mtp.MTPModel(self.config, key=jax.random.key(job.run.seed))
         self.optimizer = make_optimizer(
             self.model,
-            learning_rate=job.learning_rate,
-            total_steps=job.steps,
-            warmup_steps=job.warmup_steps,
-            min_learning_rate_ratio=job.min_learning_rate_ratio,
-            weight_decay=job.weight_decay,
-            grad_clip=job.grad_clip,
-            depth_grad_clip=job.depth_grad_clip,
+            learning_rate=job.optimizer.learning_rate,
+            total_steps=job.run.steps,
+            warmup_steps=job.optimizer.warmup_steps,
+            min_learning_rate_ratio=job.optimizer.min_learning_rate_ratio,
+            weight_decay=job.optimizer.weight_decay,
+            grad_clip=job.optimizer.grad_clip,
+            depth_grad_clip=job.optimizer.depth_grad_clip,
         )
         self.opt_state = self.optimizer.init(eqx.filter(self.model, eqx.is_array))
         self.batch = make_batch(self.config, self.batch_rows, self.seq)
-        self.weight = np.asarray(float(job.mtp_weight), np.float32)
+        self.weight = np.asarray(float(job.objective.mtp_weight), np.float32)
 
     def step(self):
         self.model, self.opt_state, metrics = train_step(
@@ -141,12 +141,18 @@ class Case:
             self.opt_state,
             self.batch,
             self.weight,
-            self.job.reduction,
+            self.job.objective.reduction,
         )
         return jax.block_until_ready(metrics)
 
     def step_arguments(self):
-        kept = (self.optimizer, self.batch, self.weight, self.job.reduction, None)
+        kept = (
+            self.optimizer,
+            self.batch,
+            self.weight,
+            self.job.objective.reduction,
+            None,
+        )
         kept += (eqx_mtp.DEFAULT_RULES,)
         return kept, self.model, self.opt_state
 
@@ -452,7 +458,7 @@ def main():
     config, job = default_job()
     large = larger_model(config)
     cases = [
-        Case("default", config, job.batch_size, job.seq_len, job),
+        Case("default", config, job.data.batch_size, job.data.seq_len, job),
         Case("larger", large, args.large_batch, large.max_seq_len, job),
     ]
     if args.quick:
@@ -586,7 +592,7 @@ def main():
             ce_dim=args.ce_dim,
             ce_repeats=args.ce_repeats,
             ce_chunk=config.loss_chunk_size,
-            mtp_weight=job.mtp_weight,
+            mtp_weight=job.objective.mtp_weight,
             optimizer="make_optimizer (AdamW, clipping)",
         ),
         peak=dict(

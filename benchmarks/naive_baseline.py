@@ -105,13 +105,13 @@ def make_optimizer(train: TrainConfig, model) -> optax.GradientTransformation:
     """The optimizer `eqx-mtp train` builds from `train`."""
     return eqx_mtp.train.make_optimizer(
         model,
-        learning_rate=train.learning_rate,
-        total_steps=train.steps,
-        warmup_steps=train.warmup_steps,
-        min_learning_rate_ratio=train.min_learning_rate_ratio,
-        weight_decay=train.weight_decay,
-        grad_clip=train.grad_clip,
-        depth_grad_clip=train.depth_grad_clip,
+        learning_rate=train.optimizer.learning_rate,
+        total_steps=train.run.steps,
+        warmup_steps=train.optimizer.warmup_steps,
+        min_learning_rate_ratio=train.optimizer.min_learning_rate_ratio,
+        weight_decay=train.optimizer.weight_decay,
+        grad_clip=train.optimizer.grad_clip,
+        depth_grad_clip=train.optimizer.depth_grad_clip,
     )
 
 
@@ -139,11 +139,11 @@ def naive_step(optimizer, static, mtp_weight: float):
 def setup(train: TrainConfig, num_depths: int, tokens, segment_ids, positions):
     """Both steps of one D, compiled and measured; their states ready to run."""
     train = dataclasses.replace(train, num_depths=num_depths)
-    config = train.model_config()
-    model = eqx_mtp.MTPModel(config, key=jax.random.key(train.seed))
+    config = train.model
+    model = eqx_mtp.MTPModel(config, key=jax.random.key(train.run.seed))
     optimizer = make_optimizer(train, model)
     params, static = eqx.partition(model, eqx.is_array)
-    mtp_weight = float(eqx_mtp.parse_mtp_weight(train.mtp_weight))
+    mtp_weight = float(eqx_mtp.parse_mtp_weight(train.objective.mtp_weight))
 
     batch = dict(
         tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None]
@@ -152,7 +152,7 @@ def setup(train: TrainConfig, num_depths: int, tokens, segment_ids, positions):
         optimizer,
         batch,
         np.float32(mtp_weight),
-        train.reduction,
+        train.objective.reduction,
         None,
         eqx_mtp.DEFAULT_RULES,
     )
@@ -210,10 +210,10 @@ def main():
     if args.quick:
         train = dataclasses.replace(train, **QUICK)
         depths, args.repeats, args.document_length = [2], 1, 12
-    vocab = train.model_config().vocab_size
+    vocab = train.model.vocab_size
     tokens, segment_ids = _common.packed_rows(
-        train.batch_size,
-        train.seq_len,
+        train.data.batch_size,
+        train.data.seq_len,
         vocab,
         document_length=args.document_length,
         seed=1,
@@ -286,19 +286,17 @@ def main():
         quick=args.quick,
         environment=_common.environment(),
         settings=dict(
-            batch=train.batch_size,
-            seq=train.seq_len,
+            batch=train.data.batch_size,
+            seq=train.data.seq_len,
             model_config=dataclasses.replace(train, num_depths=depths[0])
             .model_config()
             .to_dict(),
             depths=depths,
             repeats=args.repeats,
             document_length=args.document_length,
-            mtp_weight=train.mtp_weight,
-            reduction=train.reduction,
-            attention_impl_resolved=resolve_attention_impl(
-                train.model_config().attention_impl
-            ),
+            mtp_weight=train.objective.mtp_weight,
+            reduction=train.objective.reduction,
+            attention_impl_resolved=resolve_attention_impl(train.model.attention_impl),
         ),
         results=results,
     )
