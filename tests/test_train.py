@@ -317,7 +317,7 @@ def test_a_complete_run_says_so_without_loading(corpus, straight, capsys, monkey
     def forbidden(*args, **kwargs):
         raise AssertionError("a complete run was loaded")
 
-    monkeypatch.setattr("eqx_mtp.train._job.load_documents", forbidden)
+    monkeypatch.setattr("eqx_mtp.train._inputs.load_documents", forbidden)
     monkeypatch.setattr("eqx_mtp.train._job.init_model", forbidden)
     capsys.readouterr()
     flags = ["train", "--no-progress", "--run", str(run), "--data", corpus]
@@ -366,7 +366,7 @@ def test_cli_bad_inputs(corpus, tmp_path, capsys):
     assert "no_such_field" in _cli_error(capsys, ["--config", str(bad_config)])
     assert "mtp" in _cli_error(capsys, ["--data", corpus, "--mtp-weight", "0.3@x"])
     message = _cli_error(capsys, ["--data", corpus, "--attention-impl", "flash"])
-    assert "attention_impl" in message and "blockwise" in message
+    assert "--attention-impl" in message and "blockwise" in message
 
 
 def test_cli_mesh_errors(corpus, tmp_path, capsys):

@@ -6,6 +6,14 @@ from ._checkpoint import (
     CheckpointError as CheckpointError,
     load_checkpoint as load_checkpoint,
 )
+from ._config import (
+    DataConfig as DataConfig,
+    MeshConfig as MeshConfig,
+    ObjectiveConfig as ObjectiveConfig,
+    OptimizerConfig as OptimizerConfig,
+    RunConfig as RunConfig,
+    TrainConfig as TrainConfig,
+)
 from ._data import (
     BOS_ID as BOS_ID,
     BYTE_VOCAB_SIZE as BYTE_VOCAB_SIZE,
@@ -20,14 +28,6 @@ from ._data import (
     load_documents as load_documents,
     pack_documents as pack_documents,
     split_documents as split_documents,
-)
-from ._config import (
-    DataConfig as DataConfig,
-    MeshConfig as MeshConfig,
-    ObjectiveConfig as ObjectiveConfig,
-    OptimizerConfig as OptimizerConfig,
-    RunConfig as RunConfig,
-    TrainConfig as TrainConfig,
 )
 from ._eval import evaluate as evaluate
 from ._job import train as train

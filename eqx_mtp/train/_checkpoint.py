@@ -13,7 +13,6 @@ from collections.abc import Collection
 
 import equinox as eqx
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -28,11 +27,11 @@ from ._checkpoint_layout import (
     _OPT_ABSENT,
     _OPT_LEAFLESS,
     _OPT_SAVED,
-    _RAW_KEY,
     CheckpointError,
     RestoredState,
     _is_array_or_shape,
     _rng_from,
+    _rng_words,
     _shapes_of,
     config_differences,
     is_step_directory,
@@ -199,13 +198,7 @@ class Checkpointer:
         params = eqx.filter(model, eqx.is_array)
         if not jax.tree.leaves(params):
             raise CheckpointError("Checkpointer.save: the model has no arrays")
-        if rng is None:
-            rng_words, rng_impl = None, None
-        elif jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng_words = np.asarray(jax.random.key_data(rng)).tolist()
-            rng_impl = str(jax.random.key_impl(rng))
-        else:
-            rng_words, rng_impl = np.asarray(rng, np.uint32).tolist(), _RAW_KEY
+        rng_words, rng_impl = _rng_words(rng)
         if opt_state is None:
             opt_kind = _OPT_ABSENT
         elif jax.tree.leaves(opt_state):

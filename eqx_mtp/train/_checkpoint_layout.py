@@ -125,6 +125,17 @@ def is_step_directory(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / _STEP_METADATA_FILE).is_file()
 
 
+def _rng_words(rng: jax.Array | None) -> tuple[list | None, str | None]:
+    """`(words, impl)`: a PRNG key (typed, or raw `uint32` words) as JSON."""
+    if rng is None:
+        return None, None
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(rng)).tolist(), str(
+            jax.random.key_impl(rng)
+        )
+    return np.asarray(rng, np.uint32).tolist(), _RAW_KEY
+
+
 def _rng_from(run_state: dict) -> jax.Array | None:
     words = run_state.get("rng")
     if words is None:
