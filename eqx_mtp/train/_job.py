@@ -21,9 +21,7 @@ from .._mesh import batch_sharding
 from .._schedule import parse_mtp_weight
 from ._checkpoint import Checkpointer, CheckpointError, write_json
 from ._config import TrainConfig, UserError
-from ._data import (
-    TrainBatches,
-)
+from ._data import TrainBatches
 from ._distributed import global_array, initialize, is_primary
 from ._eval import evaluate
 from ._flags import RESUMABLE_FIELDS, resume_differences, stored_config
