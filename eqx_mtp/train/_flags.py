@@ -180,10 +180,15 @@ def _type_error(name: str, value: Any, kind: Any) -> str | None:
 def _flatten(values: dict[str, Any]) -> dict[str, Any]:
     """A nested layout's fields under their flat names; a flat one as it is."""
     if isinstance(values.get("train"), dict):
-        # A run's config.json from before the sections: `run` holds every field,
-        # `model` the model's, `train` those a resumed run must keep.
+        # A run's config.json from before the sections: `run` holds every field
+        # (the model's as asked), `train` those a resumed run must keep, `model` the
+        # model as built (with `--init-from`, the checkpoint's shape).
         old = values.get("run") if isinstance(values.get("run"), dict) else {}
-        return dict(values["train"]) | old
+        flat = dict(values["train"]) | old
+        model = values.get("model")
+        if isinstance(model, dict):
+            flat = {k: v for k, v in flat.items() if k not in _MODEL_FIELDS} | model
+        return flat
     flat = {}
     for key, value in values.items():
         if key in SECTIONS and isinstance(value, dict):
