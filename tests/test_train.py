@@ -415,9 +415,9 @@ def test_a_run_killed_during_its_first_save_starts_fresh(
     half a checkpoint) and then matches an uninterrupted run."""
     straight, _ = straight
     run = tmp_path / "run"
-    train(_config(corpus, run, eval_every=3), stop_after=1, progress=False)
+    _copy_until(straight, run, 3)
     checkpoints = run / "checkpoints"
-    (checkpoints / "1").rename(checkpoints / "1.orbax-checkpoint-tmp-1234567")
+    (checkpoints / "3").rename(checkpoints / "3.orbax-checkpoint-tmp-1234567")
     (run / "metrics.jsonl").unlink()
     capsys.readouterr()
     train(_config(corpus, run, eval_every=3), progress=False)
