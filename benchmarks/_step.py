@@ -21,13 +21,13 @@ def job_optimizer(job: TrainConfig, model) -> optax.GradientTransformation:
     """The optimizer `eqx-mtp train` builds from `job` for `model`."""
     return make_optimizer(
         model,
-        learning_rate=job.learning_rate,
-        total_steps=job.steps,
-        warmup_steps=job.warmup_steps,
-        min_learning_rate_ratio=job.min_learning_rate_ratio,
-        weight_decay=job.weight_decay,
-        grad_clip=job.grad_clip,
-        depth_grad_clip=job.depth_grad_clip,
+        learning_rate=job.optimizer.learning_rate,
+        total_steps=job.run.steps,
+        warmup_steps=job.optimizer.warmup_steps,
+        min_learning_rate_ratio=job.optimizer.min_learning_rate_ratio,
+        weight_decay=job.optimizer.weight_decay,
+        grad_clip=job.optimizer.grad_clip,
+        depth_grad_clip=job.optimizer.depth_grad_clip,
     )
 
 
@@ -42,7 +42,7 @@ def step_arguments(optimizer, batch, weight, reduction, model, opt_state, mesh=N
 def default_job() -> tuple[eqx_mtp.ModelConfig, TrainConfig]:
     """The model `eqx-mtp train` builds with its default flags, and those flags."""
     job = TrainConfig()
-    return job.model_config(), job
+    return job.model, job
 
 
 def larger_model(config: eqx_mtp.ModelConfig) -> eqx_mtp.ModelConfig:
@@ -87,11 +87,11 @@ class Case:
 
     def setup(self):
         job = self.job
-        self.model = eqx_mtp.MTPModel(self.config, key=jax.random.key(job.seed))
+        self.model = eqx_mtp.MTPModel(self.config, key=jax.random.key(job.run.seed))
         self.optimizer = job_optimizer(job, self.model)
         self.opt_state = self.optimizer.init(eqx.filter(self.model, eqx.is_array))
         self.batch = make_batch(self.config, self.batch_rows, self.seq)
-        self.weight = np.asarray(float(job.mtp_weight), np.float32)
+        self.weight = np.asarray(float(job.objective.mtp_weight), np.float32)
 
     def step(self):
         self.model, self.opt_state, metrics = train_step(
@@ -100,14 +100,14 @@ class Case:
             self.opt_state,
             self.batch,
             self.weight,
-            self.job.reduction,
+            self.job.objective.reduction,
         )
         return jax.block_until_ready(metrics)
 
     def step_arguments(self):
         """The arguments of the jitted, donating body of `train_step`."""
         return step_arguments(
-            self.optimizer, self.batch, self.weight, self.job.reduction,
+            self.optimizer, self.batch, self.weight, self.job.objective.reduction,
             self.model, self.opt_state,
         )  # fmt: skip
 

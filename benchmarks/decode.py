@@ -180,25 +180,27 @@ def train_tiny_run(directory: pathlib.Path) -> str:
         text = " ".join(rng.choice(words, size=rng.integers(20, 60)))
         (corpus / f"doc{i:02d}.py").write_text(text + "\n")
     run = directory / "run"
-    config = TrainConfig(
-        data=str(corpus),
-        run=str(run),
-        steps=3,
-        batch_size=4,
-        seq_len=32,
-        dim=32,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        mlp_dim=64,
-        num_depths=2,
-        warmup_steps=1,
-        eval_fraction=0.25,
-        eval_every=0,
-        eval_batches=1,
-        save_every=0,
-        log_every=1,
-        num_devices=1,
+    config = TrainConfig.from_dict(
+        dict(
+            data=str(corpus),
+            run=str(run),
+            steps=3,
+            batch_size=4,
+            seq_len=32,
+            dim=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            mlp_dim=64,
+            num_depths=2,
+            warmup_steps=1,
+            eval_fraction=0.25,
+            eval_every=0,
+            eval_batches=1,
+            save_every=0,
+            log_every=1,
+            num_devices=1,
+        )
     )
     train(config, progress=False)
     return str(run)

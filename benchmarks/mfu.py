@@ -129,7 +129,7 @@ def _cases(args) -> list[Case]:
     large = larger_model(config)
     if not args.quick:
         return [
-            Case("default", config, job.batch_size, job.seq_len, job),
+            Case("default", config, job.data.batch_size, job.data.seq_len, job),
             Case("larger", large, args.large_batch, large.max_seq_len, job),
         ]
     args.repeats, args.matmul, args.ce_tokens, args.ce_dim = 1, 1024, 512, 32
@@ -270,7 +270,7 @@ def main():
             ce_dim=args.ce_dim,
             ce_repeats=args.ce_repeats,
             ce_chunk=config.loss_chunk_size,
-            mtp_weight=job.mtp_weight,
+            mtp_weight=job.objective.mtp_weight,
             optimizer="make_optimizer (AdamW, clipping)",
         ),
         peak=peak,

@@ -104,14 +104,14 @@ def naive_step(optimizer, static, mtp_weight: float):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def setup(train: TrainConfig, num_depths: int, tokens, segment_ids, positions):
+def setup(fields: dict, num_depths: int, tokens, segment_ids, positions):
     """Both steps of one D, compiled and measured; their states ready to run."""
-    train = dataclasses.replace(train, num_depths=num_depths)
-    config = train.model_config()
-    model = eqx_mtp.MTPModel(config, key=jax.random.key(train.seed))
+    train = TrainConfig.from_dict(fields | dict(num_depths=num_depths))
+    config = train.model
+    model = eqx_mtp.MTPModel(config, key=jax.random.key(train.run.seed))
     optimizer = job_optimizer(train, model)
     params, static = eqx.partition(model, eqx.is_array)
-    mtp_weight = float(eqx_mtp.parse_mtp_weight(train.mtp_weight))
+    mtp_weight = float(eqx_mtp.parse_mtp_weight(train.objective.mtp_weight))
 
     batch = dict(
         tokens=tokens[None], segment_ids=segment_ids[None], positions=positions[None]
@@ -120,7 +120,7 @@ def setup(train: TrainConfig, num_depths: int, tokens, segment_ids, positions):
         optimizer,
         batch,
         np.float32(mtp_weight),
-        train.reduction,
+        train.objective.reduction,
         model,
         optimizer.init(params),
     )
@@ -183,7 +183,7 @@ def _ratios(ours: dict, naive: dict) -> dict:
 
 
 def main():
-    train = TrainConfig()
+    fields = {}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="tiny sizes, one repeat: a smoke run"
@@ -196,12 +196,13 @@ def main():
     _common.start(args)
     depths = [int(d) for d in args.depths.split(",") if d]
     if args.quick:
-        train = dataclasses.replace(train, **QUICK)
+        fields = dict(QUICK)
         depths, args.repeats, args.document_length = [2], 1, 12
-    vocab = train.model_config().vocab_size
+    train = TrainConfig.from_dict(fields)
+    vocab = train.model.vocab_size
     tokens, segment_ids = _common.packed_rows(
-        train.batch_size,
-        train.seq_len,
+        train.data.batch_size,
+        train.data.seq_len,
         vocab,
         document_length=args.document_length,
         seed=1,
@@ -215,13 +216,13 @@ def main():
         # equinox, optax and eqx_mtp) would otherwise land on the first D measured.
         # Left out of a smoke run, whose compile times mean nothing.
         if not args.quick:
-            _, warm = setup(train, depths[0], tokens, segment_ids, positions)
+            _, warm = setup(fields, depths[0], tokens, segment_ids, positions)
             for program in warm.values():
                 jax.block_until_ready(program())
             jax.clear_caches()
         records, programs = {}, {}
         for d in depths:
-            records[d], runs = setup(train, d, tokens, segment_ids, positions)
+            records[d], runs = setup(fields, d, tokens, segment_ids, positions)
             programs |= {f"D={d} {name}": run for name, run in runs.items()}
         # Interleaved: ours, naive, for every D, then again.
         timings = time_interleaved(programs, args.repeats)
@@ -248,19 +249,15 @@ def main():
         benchmark="naive_baseline",
         environment=_common.environment(),
         settings=dict(
-            batch=train.batch_size,
-            seq=train.seq_len,
-            model_config=dataclasses.replace(train, num_depths=depths[0])
-            .model_config()
-            .to_dict(),
+            batch=train.data.batch_size,
+            seq=train.data.seq_len,
+            model_config=dataclasses.replace(train.model, num_depths=depths[0]).to_dict(),
             depths=depths,
             repeats=args.repeats,
             document_length=args.document_length,
-            mtp_weight=train.mtp_weight,
-            reduction=train.reduction,
-            attention_impl_resolved=resolve_attention_impl(
-                train.model_config().attention_impl
-            ),
+            mtp_weight=train.objective.mtp_weight,
+            reduction=train.objective.reduction,
+            attention_impl_resolved=resolve_attention_impl(train.model.attention_impl),
         ),
         results=results,
     )

@@ -115,7 +115,7 @@ def trained_run(corpus, tmp_path_factory):
         num_devices=1,
         max_seq_len=128,
     )
-    train(TrainConfig(**config), progress=False)
+    train(TrainConfig.from_dict(config), progress=False)
     return run
 
 

@@ -285,11 +285,12 @@ def test_frozen_optimizer_state_checkpoints(getkey, tmp_path):
 def test_depth_grad_clip_config():
     """`depth_grad_clip` is off by default and must be > 0 when given; the job's
     error names the flag."""
-    assert TrainConfig().depth_grad_clip is None
-    assert TrainConfig(depth_grad_clip=0.25).depth_grad_clip == 0.25
+    assert TrainConfig().optimizer.depth_grad_clip is None
+    clipped = TrainConfig.from_dict(dict(depth_grad_clip=0.25))
+    assert clipped.optimizer.depth_grad_clip == 0.25
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(UserError, match="--depth-grad-clip"):
-            TrainConfig(depth_grad_clip=bad)
+            TrainConfig.from_dict(dict(depth_grad_clip=bad))
     with pytest.raises(ValueError, match="depth_grad_clip"):
         make_optimizer(
             _model(jax.random.key(0)),

@@ -14,7 +14,9 @@ from eqx_mtp.train._job import TrainConfig, train
 def run(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("generate") / "run"
     config = dict(TINY_JOB, steps=2, batch_size=4, save_every=2, num_devices=1)
-    train(TrainConfig(data=corpus, run=str(run), **config), progress=False)
+    train(
+        TrainConfig.from_dict(dict(config, data=corpus, run=str(run))), progress=False
+    )
     return str(run)
 
 

@@ -57,7 +57,7 @@ def _config(root, run, **overrides):
     )
     for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
         values.pop(name)  # the checkpoint sets the trunk's shape
-    return TrainConfig(**(values | overrides))
+    return TrainConfig.from_dict(values | overrides)
 
 
 def _trunk_as_stored(model):

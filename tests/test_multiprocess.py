@@ -53,7 +53,7 @@ def test_two_processes_train_like_one_process_of_eight_devices(corpus, tmp_path)
     job = dict(TINY_MESH_JOB, data=corpus, mesh="data=4,model=2,context=1")
     # In this process: 8 simulated devices (conftest), one (4, 2, 1) mesh.
     single = tmp_path / "single"
-    train(TrainConfig(**job, run=str(single)), progress=False)
+    train(TrainConfig.from_dict(dict(job, run=str(single))), progress=False)
 
     two = tmp_path / "two"
     port = free_port()
@@ -97,10 +97,14 @@ def test_mesh_job_equals_one_device_job(corpus, tmp_path):
     job = dict(TINY_MESH_JOB, data=corpus, steps=3, micro_batches=2, batch_size=8)
     meshed, plain = tmp_path / "meshed", tmp_path / "plain"
     train(
-        TrainConfig(**job, run=str(meshed), mesh="data=2,model=2,context=2"),
+        TrainConfig.from_dict(
+            dict(job, run=str(meshed), mesh="data=2,model=2,context=2")
+        ),
         progress=False,
     )
-    train(TrainConfig(**job, run=str(plain), num_devices=1), progress=False)
+    train(
+        TrainConfig.from_dict(dict(job, run=str(plain), num_devices=1)), progress=False
+    )
     meshed_losses, plain_losses = _losses(meshed), _losses(plain)
     assert sorted(meshed_losses) == [1, 2, 3]
     for step in meshed_losses:

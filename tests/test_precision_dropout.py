@@ -322,10 +322,10 @@ def test_bfloat16_trunk_output_with_float32_depths(kind, layer):
 def test_train_config_compute_dtype():
     args = _parser().parse_args(["train", "--compute-dtype", "bfloat16"])
     assert args.compute_dtype == "bfloat16"
-    config = TrainConfig(compute_dtype="bfloat16", seq_len=16)
-    assert config.model_config().compute_dtype == "bfloat16"
-    with pytest.raises(UserError, match="--compute_dtype must be one of"):
-        TrainConfig(compute_dtype="float16", seq_len=16).model_config()
+    config = TrainConfig.from_dict(dict(compute_dtype="bfloat16", seq_len=16))
+    assert config.model.compute_dtype == "bfloat16"
+    with pytest.raises(UserError, match="--compute-dtype must be one of"):
+        TrainConfig.from_dict(dict(compute_dtype="float16", seq_len=16))
     # Rounding only, like remat: a run may continue under another compute dtype.
     assert "compute_dtype" in RESUMABLE_FIELDS
     assert "model.compute_dtype" in RESUMABLE_MODEL_FIELDS

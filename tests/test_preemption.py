@@ -26,9 +26,11 @@ from eqx_mtp.train._checkpoint import Checkpointer
 from eqx_mtp.train._job import TrainConfig, train
 from eqx_mtp.train._preemption import EXIT_PREEMPTED
 
+# One length for the single-process tests, so that they share one reference run;
+# long enough that a run signalled at step 6 is still going.
 JOB = dict(
     TINY_JOB,
-    steps=12,
+    steps=30,
     batch_size=4,
     save_every=1,
     keep=2,
@@ -36,9 +38,13 @@ JOB = dict(
 CLI = [sys.executable, "-m", "eqx_mtp.train._cli", "train"]
 
 
-def _uninterrupted(job, run):
-    train(TrainConfig(**job, run=str(run), num_devices=1), progress=False)
-    return dict(logged_losses(run))
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    """The uninterrupted run of `JOB` on one device: its directory and losses."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    job = dict(JOB, data=corpus, run=str(run), num_devices=1, save_every=0)
+    train(TrainConfig.from_dict(job), progress=False)
+    return run, dict(logged_losses(run))
 
 
 def _lines(run) -> int:
@@ -57,22 +63,23 @@ def _wait_for_lines(run, count, process, timeout=240.0) -> None:
 
 
 @pytest.mark.slow
-def test_restart_loop_with_sigkill_at_random_moments(corpus, tmp_path):
-    """Killed during start-up and compilation, mid-step and mid-save (a checkpoint is
-    saved after every step), then let finish: every logged loss, repeated steps
-    included, and the final parameters equal the uninterrupted run's exactly. Catches
-    a restart that starts over instead of continuing, a lost or half-written
-    checkpoint that is loaded, and data or RNG state that is not restored."""
+def test_restart_loop_with_sigkill_at_random_moments(corpus, reference, tmp_path):
+    """Killed during start-up and compilation, then mid-step or mid-save (a
+    checkpoint is saved after every step), then let finish: every logged loss,
+    repeated steps included, and the final parameters equal the uninterrupted run's
+    exactly. Catches a restart that starts over instead of continuing, a lost or
+    half-written checkpoint that is loaded, and data or RNG state that is not
+    restored."""
     job = dict(JOB, data=corpus)
-    expected = _uninterrupted(job, tmp_path / "reference")
+    reference_run, expected = reference
     run = tmp_path / "restarted"
     command = CLI + job_flags(dict(job, run=str(run), num_devices=1))
     rng = random.Random(0)
     kills = []
     with open(tmp_path / "log.txt", "w") as log:
-        # Once during start-up or compilation, then twice mid-run: a checkpoint is
-        # saved after every step, so a save is nearly always in flight.
-        for moment in ("start-up", "mid-run", "mid-run"):
+        # Once during start-up or compilation, then mid-run: a checkpoint is saved
+        # after every step, so a save is nearly always in flight.
+        for moment in ("start-up", "mid-run"):
             process = start_process(command, log=log)
             try:
                 if moment == "start-up":
@@ -96,21 +103,21 @@ def test_restart_loop_with_sigkill_at_random_moments(corpus, tmp_path):
     for step, losses in logged:
         assert losses == expected[step], step
     model, _ = eqx_mtp.train.load_checkpoint(run)
-    reference, _ = eqx_mtp.train.load_checkpoint(tmp_path / "reference")
-    assert tree_allclose(model, reference, rtol=0, atol=0)
+    reference_model, _ = eqx_mtp.train.load_checkpoint(reference_run)
+    assert tree_allclose(model, reference_model, rtol=0, atol=0)
 
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_same_command_continues(
-    corpus, tmp_path
+    corpus, reference, tmp_path
 ):
     """SIGTERM at a random step: exit code 75 within a bounded time, the newest
     checkpoint is of the last step trained (not of an earlier periodic save), and
     launching the same command again gives the uninterrupted run's losses. Catches a
     handler that dies without saving, saves a stale step, or leaves the restarted
     run a step behind."""
-    job = dict(JOB, data=corpus, steps=60, save_every=0)
-    expected = _uninterrupted(job, tmp_path / "reference")
+    job = dict(JOB, data=corpus, save_every=0)
+    _, expected = reference
     run = tmp_path / "run"
     command = CLI + job_flags(dict(job, run=str(run), num_devices=1))
     target = random.Random(1).randint(2, 6)
@@ -143,7 +150,9 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_continues(
     assert (
         "continuing from the checkpoint of step" in (tmp_path / "log.txt").read_text()
     )
-    for step, losses in logged_losses(run):
+    logged = logged_losses(run)
+    assert [step for step, _ in logged] == list(range(1, job["steps"] + 1))
+    for step, losses in logged:
         assert losses == expected[step], step
 
 

@@ -28,7 +28,7 @@ TINY = dict(
 
 def _config(corpus, run, **overrides):
     """The tiny job on one device, unless `overrides` say otherwise."""
-    return TrainConfig(**dict(TINY, data=corpus, run=str(run), **overrides))
+    return TrainConfig.from_dict(dict(TINY, data=corpus, run=str(run), **overrides))
 
 
 def _train_losses(run):
@@ -36,15 +36,63 @@ def _train_losses(run):
     return dict(logged_losses(run))
 
 
-def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path):
-    straight = tmp_path / "straight"
+@pytest.fixture(scope="module")
+def straight(corpus, tmp_path_factory):
+    """One uninterrupted run of the tiny job, shared by the tests that compare with it
+    or read its outputs (they never write into it): 6 steps, a checkpoint and an
+    eval every 3."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    summary = train(_config(corpus, run, eval_every=3), progress=False)
+    return run, summary
+
+
+def _copy_until(run, destination, step):
+    """A copy of `run` as it stood after `step`: later checkpoints, metrics lines and
+    the summary removed."""
+    shutil.copytree(run, destination)
+    for checkpoint in (destination / "checkpoints").iterdir():
+        if int(checkpoint.name) > step:
+            shutil.rmtree(checkpoint)
+    (destination / "summary.json").unlink()
+    lines = (destination / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    (destination / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+
+class _StopAt:
+    """Stands in for the job's `StopRequests`: SIGTERM "arrives" during `step`."""
+
+    def __init__(self, step):
+        self.step, self.calls, self.signal_name = step, 0, "SIGTERM"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def agreed(self):
+        self.calls += 1
+        return self.calls == self.step
+
+
+def test_resume_after_sigterm_reproduces_an_uninterrupted_run(
+    corpus, straight, tmp_path, monkeypatch
+):
+    """SIGTERM during step 3, a step that is logged: the run saves and stops with
+    `Preempted`, logs step 3 once, and resuming it gives every loss and the final
+    parameters of the uninterrupted run."""
+    straight, _ = straight
     resumed = tmp_path / "resumed"
-    train(_config(corpus, straight), progress=False)
-    train(_config(corpus, resumed), stop_after=3, progress=False)
-    train(_config(corpus, resumed, resume=True), progress=False)
+    monkeypatch.setattr("eqx_mtp.train._job.StopRequests", lambda: _StopAt(3))
+    with pytest.raises(eqx_mtp.train.Preempted, match="after step 3"):
+        train(_config(corpus, resumed, eval_every=3), progress=False)
+    monkeypatch.undo()
+    train(_config(corpus, resumed, resume=True, eval_every=3), progress=False)
 
     straight_losses, resumed_losses = _train_losses(straight), _train_losses(resumed)
     assert sorted(straight_losses) == list(range(1, 7))
+    assert [step for step, _ in logged_losses(resumed)] == list(range(1, 7))
     for step in range(1, 7):
         assert straight_losses[step] == resumed_losses[step], step
     model_a, _ = eqx_mtp.train.load_checkpoint(straight)
@@ -52,11 +100,13 @@ def test_resume_reproduces_an_uninterrupted_run(corpus, tmp_path):
     assert tree_allclose(model_a, model_b, rtol=0, atol=0)
 
 
-def test_job_writes_checkpoints_metrics_plot_and_loads_back(corpus, tmp_path):
-    run = tmp_path / "run"
-    summary = train(_config(corpus, run, eval_every=3), progress=False)
+def test_job_writes_checkpoints_metrics_plot_and_loads_back(corpus, straight):
+    run, summary = straight
     assert (run / "losses.png").stat().st_size > 0
-    assert (run / "config.json").is_file()
+    effective = json.loads((run / "config.json").read_text())
+    assert effective["run"]["directory"] == str(run)
+    assert effective["model"]["dim"] == TINY["dim"]
+    assert effective["model"]["max_seq_len"] == TINY["seq_len"]  # follows --seq-len
     evals = [
         json.loads(line)
         for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -68,7 +118,7 @@ def test_job_writes_checkpoints_metrics_plot_and_loads_back(corpus, tmp_path):
     assert all(loss > 0 for loss in final["depth_losses"])  # never silently 0
     model, stored = eqx_mtp.train.load_checkpoint(run)
     assert stored["model"]["num_depths"] == 2
-    assert model.config == _config(corpus, run).model_config()
+    assert model.config == _config(corpus, run).model
 
 
 def test_gradient_accumulation_equals_one_batch(getkey):
@@ -182,51 +232,58 @@ def test_train_step_gradient_equals_the_naive_and_chunked_losses(
         ), reference
 
 
-def test_damaged_latest_checkpoint_falls_back(corpus, tmp_path):
+def test_damaged_latest_checkpoint_falls_back(corpus, straight, tmp_path):
+    straight, _ = straight
     run = tmp_path / "run"
-    train(_config(corpus, run, steps=4, save_every=2), progress=False)
+    shutil.copytree(straight, run)
+    (run / "summary.json").unlink()  # as if the run had been cut short
     directory = run / "checkpoints"
-    assert Checkpointer(directory).steps() == [2, 4]
-    for path in (directory / "4" / "model").rglob("*"):
+    assert Checkpointer(directory).steps() == [3, 6]
+    for path in (directory / "6" / "model").rglob("*"):
         if path.is_file():
             path.write_bytes(b"garbage")
-    model_config = _config(corpus, run).model_config()
-    with pytest.warns(UserWarning, match="step 4"):
+    model_config = _config(corpus, run).model
+    with pytest.warns(UserWarning, match="step 6"):
         restored = Checkpointer(directory).restore(model_config=model_config)
-    assert restored.step == 2
+    assert restored.step == 3
 
-    # The same command continues from step 2: the damaged step 4 is kept aside (not
-    # deleted, not in the way of the new step 4), and the run ends as if nothing
+    # The same command continues from step 3: the damaged step 6 is kept aside (not
+    # deleted, not in the way of the new step 6), and the run ends as if nothing
     # had happened.
-    straight = tmp_path / "straight"
-    train(_config(corpus, straight, steps=6, save_every=2), progress=False)
-    with pytest.warns(UserWarning, match="step 4"):
-        train(_config(corpus, run, steps=6, save_every=2), progress=False)
-    assert (run / "damaged-checkpoints" / "4" / "model").is_dir()
-    assert Checkpointer(directory).steps() == [2, 4, 6]
-    losses, expected = _train_losses(run), _train_losses(straight)
-    assert all(losses[step] == expected[step] for step in range(3, 7))
+    with pytest.warns(UserWarning, match="step 6"):
+        train(_config(corpus, run, eval_every=3), progress=False)
+    assert (run / "damaged-checkpoints" / "6" / "model").is_dir()
+    assert Checkpointer(directory).steps() == [3, 6]
+    logged, expected = logged_losses(run), _train_losses(straight)
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
+    assert all(losses == expected[step] for step, losses in logged)
     model, _ = eqx_mtp.train.load_checkpoint(run)
     reference, _ = eqx_mtp.train.load_checkpoint(straight)
     assert tree_allclose(model, reference, rtol=0, atol=0)
 
 
-def test_checkpoint_from_another_config_is_refused(corpus, tmp_path):
-    run = tmp_path / "run"
-    train(_config(corpus, run, steps=2, save_every=0), progress=False)
-    with pytest.raises(UserError, match=r"dim \(saved 16, now 32\)"):
-        train(_config(corpus, run, steps=4, dim=32, resume=True), progress=False)
+def test_checkpoint_from_another_config_is_refused(corpus, straight):
+    """Each differing field named once, by its flag, with the way to start fresh;
+    nothing is written."""
+    run, _ = straight
+    before = sorted(p.name for p in run.rglob("*"))
+    with pytest.raises(UserError) as refused:
+        train(_config(corpus, run, steps=8, dim=32, resume=True), progress=False)
+    message = str(refused.value)
+    assert "--dim (saved 16, now 32)" in message
+    assert message.count("dim") == 1
+    assert "--run NEWDIR" in message
+    assert sorted(p.name for p in run.rglob("*")) == before
 
 
-def test_a_run_continues_under_another_remat_and_attention(corpus, tmp_path):
+def test_a_run_continues_under_another_remat_and_attention(corpus, straight, tmp_path):
     """Remat and the attention implementation change how a step is computed, not
-    what: a run may continue under others (e.g. the new defaults), and its losses
-    stay those of the run that never changed, up to rounding."""
-    straight, switched = tmp_path / "straight", tmp_path / "switched"
-    before = dict(remat="none", attention_impl="reference")
-    after = dict(remat="full", attention_impl="blockwise", attention_block_size=8)
-    train(_config(corpus, straight, **before), progress=False)
-    train(_config(corpus, switched, **before), stop_after=3, progress=False)
+    what: a run may continue under others, and its losses stay those of the run
+    that never changed, up to rounding."""
+    straight, _ = straight
+    switched = tmp_path / "switched"
+    _copy_until(straight, switched, 3)
+    after = dict(remat="none", attention_impl="reference", attention_block_size=8)
     train(_config(corpus, switched, resume=True, **after), progress=False)
 
     expected, losses = _train_losses(straight), _train_losses(switched)
@@ -234,14 +291,14 @@ def test_a_run_continues_under_another_remat_and_attention(corpus, tmp_path):
     for step in range(4, 7):
         np.testing.assert_allclose(losses[step], expected[step], rtol=1e-4)
     _, stored = eqx_mtp.train.load_checkpoint(switched)
-    assert stored["model"]["attention_impl"] == "blockwise"
+    assert stored["model"]["attention_impl"] == "reference"
+    assert stored["model"]["remat"] == "none"
 
 
-def test_existing_checkpoints_are_never_overwritten(corpus, tmp_path, capsys):
+def test_existing_checkpoints_are_never_overwritten(corpus, straight, capsys):
     """`--run DIR` continues DIR's checkpoints; those of another configuration are
     refused with the differing fields named, and nothing is written."""
-    run = tmp_path / "run"
-    train(_config(corpus, run, steps=2, save_every=0), progress=False)
+    run, _ = straight
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
     code = main(
         ["train", "--data", corpus, "--run", str(run), "--steps", "2"]
@@ -250,6 +307,26 @@ def test_existing_checkpoints_are_never_overwritten(corpus, tmp_path, capsys):
     assert code == 2
     assert "differing fields" in capsys.readouterr().err
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+def test_a_complete_run_says_so_without_loading(corpus, straight, capsys, monkeypatch):
+    """The command of a finished run, launched again: it says the run is complete and
+    prints its summary, without reading the data or building a model."""
+    run, summary = straight
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a complete run was loaded")
+
+    monkeypatch.setattr("eqx_mtp.train._inputs.load_documents", forbidden)
+    monkeypatch.setattr("eqx_mtp.train._job.init_model", forbidden)
+    capsys.readouterr()
+    flags = ["train", "--no-progress", "--run", str(run), "--data", corpus]
+    flags += [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    assert main(flags + ["--eval-every=3"]) == 0
+    out, err = capsys.readouterr()
+    assert "is complete" in err and "step 6" in err
+    assert out.startswith(f"run {run}, step 6")
+    assert f"{summary['eval']['depth_losses'][2]:.3f}" in out.splitlines()[-1]
 
 
 def _cli_error(capsys, args):
@@ -289,7 +366,7 @@ def test_cli_bad_inputs(corpus, tmp_path, capsys):
     assert "no_such_field" in _cli_error(capsys, ["--config", str(bad_config)])
     assert "mtp" in _cli_error(capsys, ["--data", corpus, "--mtp-weight", "0.3@x"])
     message = _cli_error(capsys, ["--data", corpus, "--attention-impl", "flash"])
-    assert "attention_impl" in message and "blockwise" in message
+    assert "--attention-impl" in message and "blockwise" in message
 
 
 def test_cli_mesh_errors(corpus, tmp_path, capsys):
@@ -329,18 +406,20 @@ def test_config_file_and_flags(corpus, tmp_path):
     shutil.rmtree(run)
 
 
-def test_a_run_killed_during_its_first_save_starts_fresh(corpus, tmp_path, capsys):
+def test_a_run_killed_during_its_first_save_starts_fresh(
+    corpus, straight, tmp_path, capsys
+):
     """Orbax writes a checkpoint under a temporary name and renames it when complete:
     a first save cut short leaves only the temporary directory, which is not a
     checkpoint, so the same command starts afresh (instead of refusing, or loading
     half a checkpoint) and then matches an uninterrupted run."""
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    train(_config(corpus, straight, steps=2, save_every=0), progress=False)
-    train(_config(corpus, run, steps=1, save_every=0), progress=False)
+    straight, _ = straight
+    run = tmp_path / "run"
+    _copy_until(straight, run, 3)
     checkpoints = run / "checkpoints"
-    (checkpoints / "1").rename(checkpoints / "1.orbax-checkpoint-tmp-1234567")
+    (checkpoints / "3").rename(checkpoints / "3.orbax-checkpoint-tmp-1234567")
     (run / "metrics.jsonl").unlink()
     capsys.readouterr()
-    train(_config(corpus, run, steps=2, save_every=0), progress=False)
+    train(_config(corpus, run, eval_every=3), progress=False)
     assert "starting fresh" in capsys.readouterr().err
     assert _train_losses(run) == _train_losses(straight)

@@ -6,6 +6,14 @@ from ._checkpoint import (
     CheckpointError as CheckpointError,
     load_checkpoint as load_checkpoint,
 )
+from ._config import (
+    DataConfig as DataConfig,
+    MeshConfig as MeshConfig,
+    ObjectiveConfig as ObjectiveConfig,
+    OptimizerConfig as OptimizerConfig,
+    RunConfig as RunConfig,
+    TrainConfig as TrainConfig,
+)
 from ._data import (
     BOS_ID as BOS_ID,
     BYTE_VOCAB_SIZE as BYTE_VOCAB_SIZE,
@@ -22,7 +30,7 @@ from ._data import (
     split_documents as split_documents,
 )
 from ._eval import evaluate as evaluate
-from ._job import TrainConfig as TrainConfig, train as train
+from ._job import train as train
 from ._preemption import EXIT_PREEMPTED as EXIT_PREEMPTED, Preempted as Preempted
 from ._train_step import (
     accumulated_loss_and_grad as accumulated_loss_and_grad,

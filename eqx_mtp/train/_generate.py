@@ -11,16 +11,18 @@ import numpy as np
 
 from .._decode import generate
 from ._checkpoint import CheckpointError, load_checkpoint
+from ._config import UserError
 from ._data import BYTE_VOCAB_SIZE, EOS_ID, decode_bytes, encode_document
-from ._job import UserError
+from ._run_directory import newest_run_with_a_checkpoint
 
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """What `eqx-mtp generate` takes: the run directory, the prompt text and how to
-    decode it (see [`eqx_mtp.generate`][])."""
+    """What `eqx-mtp generate` takes: the run directory (`None`: the newest run
+    under `runs/` that holds a checkpoint), the prompt text and how to decode it (see
+    [`eqx_mtp.generate`][])."""
 
-    run: str
+    run: str | None
     prompt: str
     max_new_tokens: int = 200
     speculative: bool = True
@@ -51,10 +53,13 @@ def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
         )
     if config.top_k is not None and config.top_k < 1:
         raise UserError(f"--top-k: must be a positive integer, got {config.top_k}")
-    if not pathlib.Path(config.run).exists():
-        raise UserError(f"--run: no such directory: {config.run}")
+    run = config.run
+    if run is None:
+        run = newest_run_with_a_checkpoint("--run")
+    if not pathlib.Path(run).exists():
+        raise UserError(f"--run: no such directory: {run}")
     try:
-        model, _ = load_checkpoint(config.run, step=config.step)
+        model, _ = load_checkpoint(run, step=config.step)
     except CheckpointError as error:
         raise UserError(f"--run: {error}") from None
     if model.config.vocab_size != BYTE_VOCAB_SIZE:

@@ -1,0 +1,118 @@
+"""What the job runs on and reads: the device mesh, checked against the batch, and
+the training and held-out batches, checked against the model."""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh
+
+from .._mesh import batch_sharding, make_mesh
+from ._config import TrainConfig, UserError
+from ._data import (
+    DataError,
+    TrainBatches,
+    eval_batches,
+    is_token_corpus,
+    load_documents,
+    max_token_id,
+    split_documents,
+)
+from ._distributed import process_box
+
+
+def job_mesh(config: TrainConfig) -> Mesh:
+    """The mesh of `--mesh` over the devices the job may use, checked to divide the
+    batch and the rows."""
+    devices = jax.devices()
+    num_devices = config.mesh.num_devices
+    if num_devices is not None:
+        if jax.process_count() > 1:
+            raise UserError("--num-devices is for single-process runs")
+        if num_devices > len(devices):
+            raise UserError(
+                f"--num-devices={num_devices}, but there are {len(devices)}"
+            )
+        devices = devices[:num_devices]
+    try:
+        mesh = make_mesh(**config.mesh.axis_sizes(), devices=devices)
+    except ValueError as error:
+        raise UserError(f"--mesh: {error}".replace("make_mesh: ", "")) from None
+    _check_batch_fits(config, mesh)
+    return mesh
+
+
+def _check_batch_fits(config: TrainConfig, mesh: Mesh) -> None:
+    data = config.data
+    rows = data.batch_size // data.micro_batches
+    if rows % mesh.shape["data"]:
+        raise UserError(
+            f"--batch-size={data.batch_size} / --micro-batches={data.micro_batches} "
+            f"= {rows} rows per micro-batch cannot be split over the mesh's data "
+            f"axis of size {mesh.shape['data']}"
+        )
+    if data.seq_len % mesh.shape["context"]:
+        raise UserError(
+            f"--seq-len={data.seq_len} cannot be split over the mesh's context axis "
+            f"of size {mesh.shape['context']}"
+        )
+
+
+def _check_corpus_fits_model(documents, config: TrainConfig) -> None:
+    tokens = is_token_corpus(documents)
+    if config.init_from is not None and not tokens:
+        raise UserError(
+            "--init-from: a pretrained model reads its own tokenizer's ids; give "
+            "--data as a .jsonl file with a 'tokens' list per line"
+        )
+    if config.init_from is None and tokens:
+        raise UserError(
+            "--data holds token ids ('tokens' fields), which only a model loaded "
+            "with --init-from reads; the byte-level model reads text"
+        )
+    largest = max_token_id(documents)
+    if largest >= config.model.vocab_size:
+        raise UserError(
+            f"--data: token id {largest} is outside the vocabulary of "
+            f"{config.model.vocab_size} of --init-from's config.json"
+        )
+
+
+def job_data(config: TrainConfig, mesh: Mesh) -> tuple[TrainBatches, list]:
+    """This process's training batches and the held-out batches."""
+    try:
+        documents = load_documents(config.data.path)
+    except DataError as error:
+        raise UserError(f"--data: {error}") from None
+    _check_corpus_fits_model(documents, config)
+    try:
+        train_docs, held_out = split_documents(
+            documents, eval_fraction=config.data.eval_fraction, seed=config.run.seed
+        )
+    except DataError:
+        raise UserError(
+            f"--data {config.data.path or '(the standard library)'}: holds "
+            f"{len(set(documents))} distinct document(s), too few to hold some out "
+            "for evaluation; give at least 2 (in a .txt, separate documents by a "
+            "blank line; or give a directory of files)"
+        ) from None
+    data = config.data
+    batch_shape = (data.micro_batches, data.batch_size // data.micro_batches)
+    _, local_rows, local_columns = process_box(
+        batch_sharding(mesh, 3), batch_shape + (data.seq_len,)
+    )
+    batches = TrainBatches(
+        train_docs,
+        seq_len=data.seq_len,
+        batch_size=data.batch_size,
+        seed=config.run.seed,
+        rows=[
+            m * batch_shape[1] + row
+            for m in range(data.micro_batches)
+            for row in range(local_rows.start, local_rows.stop)
+        ],
+        columns=local_columns,
+    )
+    evaluation = eval_batches(
+        held_out, seq_len=data.seq_len, batch_size=data.batch_size
+    )[: max(config.run.eval_batches, 1)]
+    return batches, evaluation
