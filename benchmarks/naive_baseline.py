@@ -251,7 +251,9 @@ def main():
         settings=dict(
             batch=train.data.batch_size,
             seq=train.data.seq_len,
-            model_config=dataclasses.replace(train.model, num_depths=depths[0]).to_dict(),
+            model_config=dataclasses.replace(
+                train.model, num_depths=depths[0]
+            ).to_dict(),
             depths=depths,
             repeats=args.repeats,
             document_length=args.document_length,
