@@ -123,10 +123,12 @@ def mtp_loss_sums(
         over `data` and sequence over `context`, the trunk and the depths run as `jit`
         partitions them, and the cross-entropy of the main head and of every depth runs
         vocabulary-parallel under `jax.shard_map`
-        ([`eqx_mtp.vocab_parallel_loss_sum`][]). Targets and their validity are
-        computed on the whole row, so a document that straddles a `context` shard
-        boundary trains at every depth as on one device. The results equal the
-        single-device ones. `None`: one device.
+        ([`eqx_mtp.vocab_parallel_loss_sum`][]). The embedding lookups and the heads
+        read one copy of the embedding per (`data`, `context`) shard, so its
+        gradient is reduced over the devices once, not once per lookup and per head.
+        Targets and their validity are computed on the whole row, so a document that
+        straddles a `context` shard boundary trains at every depth as on one device.
+        The results equal the single-device ones. `None`: one device.
     - `key`: optional PRNG key for randomness in the depths' layers (e.g. dropout in
         a block of your own): split per depth and per row (see
         [`eqx_mtp.MTPDepths`][]). `None` (the default) is deterministic. The trunk
