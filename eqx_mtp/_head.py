@@ -7,7 +7,8 @@ device ([`eqx_mtp.head_loss_sum`][]), vocabulary-parallel over a mesh
 ([`eqx_mtp.vocab_parallel_loss_sum`][]), or, where the sum's cotangent is known before
 the forward pass, in the weighted form that returns its unembedding gradient as a
 value (`rows_weighted_loss_sum`), which `Head.inject` hands back to the unembedding in
-the backward pass.
+the backward pass. On a mesh the head's lookups (`Head.lookup`) and losses read one
+copy of the embedding per token shard, so that its gradient is reduced once.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Head(eqx.Module):
 
     def with_copies(self) -> Head:
         """This head on its mesh, reading per-token-shard copies (see `placed`)."""
-        if self.vocab_size is not None:
+        if self.mesh is None or self.vocab_size is not None:
             return self
         if self.impl == "naive":
             gathered = gathered_over_data(self.embedding, self.mesh)

@@ -172,6 +172,26 @@ def test_mtp_loss_on_mesh_equals_single_device(shape, num_depths, mtp_kind, loss
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(expected_grads))
 
 
+def test_untied_mtp_loss_on_mesh_equals_single_device():
+    """An untied unembedding (its own per-token-shard copies, apart from the
+    embedding's) on a mesh that pads the vocabulary (19 over model=2): loss, sums
+    and every gradient equal the single-device run."""
+    config = tiny_config(num_depths=2, tie_embeddings=False, loss_chunk_size=3)
+    model = random_model(config, seed=5)
+    (loss, aux), grads = _loss_and_grads(model, None)
+    mesh = eqx_mtp.make_mesh(2, 2, 2)
+    (mesh_loss, mesh_aux), mesh_grads = _loss_and_grads(
+        eqx_mtp.shard_tree(model, mesh), mesh
+    )
+    np.testing.assert_array_equal(mesh_aux["token_counts"], aux["token_counts"])
+    assert tree_allclose(mesh_aux["loss_sums"], aux["loss_sums"], rtol=1e-5)
+    assert tree_allclose(mesh_loss, loss, rtol=1e-5)
+    # A gradient of the unembedding's copies dropped, or reduced into the
+    # embedding's, shows here.
+    assert tree_allclose(mesh_grads, grads, rtol=1e-5)
+    assert np.any(np.asarray(grads.trunk.unembedding) != 0)
+
+
 def test_context_parallel_attention_gathers_keys_and_values():
     """On a `context` mesh each query shard attends to gathered keys and values. The
     bug this catches: attention left to the partitioner keeps the logits split by key
