@@ -7,7 +7,8 @@ device ([`eqx_mtp.head_loss_sum`][]), vocabulary-parallel over a mesh
 ([`eqx_mtp.vocab_parallel_loss_sum`][]), or, where the sum's cotangent is known before
 the forward pass, in the weighted form that returns its unembedding gradient as a
 value (`rows_weighted_loss_sum`), which `Head.inject` hands back to the unembedding in
-the backward pass.
+the backward pass. On a mesh the head's lookups (`Head.lookup`) and losses read one
+copy of the embedding per token shard, so that its gradient is reduced once.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ._batch import PackedBatch
 from ._cross_entropy import rows_weighted_loss_sum
 from ._fused_ce import DEFAULT_CHUNK_SIZE, inject_gradient
 from ._mesh import CONTEXT, DATA, MODEL, batch_sharding
-from ._vocab_parallel import rows_head_loss_sum
+from ._vocab_parallel import copies_lookup, rows_head_loss_sum, token_shard_copies
 
 
 class Head(eqx.Module):
@@ -36,6 +37,9 @@ class Head(eqx.Module):
         `check_final_norm` returns it).
     - `chunk_size`, `impl`: of the cross-entropy (see `head_loss_sum`).
     - `mesh`: the mesh the loss runs vocabulary-parallel on, or `None`.
+    - `vocab_size`: the vocabulary, where `embedding` and `unembedding` are
+        per-token-shard copies (`[data · context, padded vocab, dim]`, see
+        `with_copies`); `None` where they are `[vocab, dim]` matrices.
     """
 
     embedding: Array
@@ -44,21 +48,51 @@ class Head(eqx.Module):
     chunk_size: int | None = eqx.field(default=DEFAULT_CHUNK_SIZE, static=True)
     impl: str = eqx.field(default="fused", static=True)
     mesh: Mesh | None = eqx.field(default=None, static=True)
+    vocab_size: int | None = eqx.field(default=None, static=True)
 
     def placed(self, hidden: Array, batch: PackedBatch):
         """`(hidden, batch, head)` laid out for the mesh: rows over `data`, the
-        sequence over `context`, the embedding whole along its width (see
-        `gathered_over_data`). Unchanged without a mesh."""
+        sequence over `context`, and the embedding and unembedding as per-token-shard
+        copies (see `token_shard_copies`; one copy when they are tied), so that their
+        gradients are reduced once, not once per lookup and per head. The naive loss
+        reads the embedding gathered over `data` instead (`gathered_over_data`).
+        Unchanged without a mesh; placing a placed head changes nothing."""
         if self.mesh is None:
             return hidden, batch, self
         batch = batch.constrained(batch_sharding(self.mesh))
         hidden = jax.lax.with_sharding_constraint(
             hidden, NamedSharding(self.mesh, PartitionSpec(DATA, CONTEXT, None))
         )
-        head = eqx.tree_at(
-            lambda h: h.embedding, self, gathered_over_data(self.embedding, self.mesh)
+        return hidden, batch, self.with_copies()
+
+    def with_copies(self) -> Head:
+        """This head on its mesh, reading per-token-shard copies (see `placed`)."""
+        if self.mesh is None or self.vocab_size is not None:
+            return self
+        if self.impl == "naive":
+            gathered = gathered_over_data(self.embedding, self.mesh)
+            return eqx.tree_at(lambda h: h.embedding, self, gathered)
+        copies = token_shard_copies(self.embedding, self.mesh)
+        unembedding = self.unembedding
+        if unembedding is self.embedding:
+            unembedding = copies
+        elif unembedding is not None:
+            unembedding = token_shard_copies(unembedding, self.mesh)
+        return Head(
+            copies,
+            unembedding,
+            self.final_norm,
+            chunk_size=self.chunk_size,
+            impl=self.impl,
+            mesh=self.mesh,
+            vocab_size=self.embedding.shape[0],
         )
-        return hidden, batch, head
+
+    def lookup(self, ids: Array) -> Array:
+        """The `[batch, seq, dim]` embeddings of `[batch, seq]` token ids."""
+        if self.vocab_size is None:
+            return self.embedding[ids]
+        return copies_lookup(self.embedding, ids, self.mesh)
 
     def loss_sum(self, normed, batch: PackedBatch, depth, weight=None):
         """The loss sum and token count of depth `depth` (`0`: the main head) from
@@ -78,6 +112,7 @@ class Head(eqx.Module):
                 mesh=self.mesh,
                 chunk_size=self.chunk_size,
                 impl=self.impl,
+                vocab_size=self.vocab_size,
             )
         return rows_weighted_loss_sum(
             normed, self.unembedding, targets, valid, weight, chunk_size=self.chunk_size

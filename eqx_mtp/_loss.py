@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -13,7 +14,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 from ._batch import PackedBatch, check_rows, given_batch
 from ._checks import check_final_norm
 from ._fused_ce import DEFAULT_CHUNK_SIZE
-from ._head import Head, gathered_over_data
+from ._head import Head
 from ._mesh import (
     batch_sharding,
     check_batch_fits_mesh,
@@ -122,10 +123,12 @@ def mtp_loss_sums(
         over `data` and sequence over `context`, the trunk and the depths run as `jit`
         partitions them, and the cross-entropy of the main head and of every depth runs
         vocabulary-parallel under `jax.shard_map`
-        ([`eqx_mtp.vocab_parallel_loss_sum`][]). Targets and their validity are
-        computed on the whole row, so a document that straddles a `context` shard
-        boundary trains at every depth as on one device. The results equal the
-        single-device ones. `None`: one device.
+        ([`eqx_mtp.vocab_parallel_loss_sum`][]). The embedding lookups and the heads
+        read one copy of the embedding per (`data`, `context`) shard, so its
+        gradient is reduced over the devices once, not once per lookup and per head.
+        Targets and their validity are computed on the whole row, so a document that
+        straddles a `context` shard boundary trains at every depth as on one device.
+        The results equal the single-device ones. `None`: one device.
     - `key`: optional PRNG key for randomness in the depths' layers (e.g. dropout in
         a block of your own): split per depth and per row (see
         [`eqx_mtp.MTPDepths`][]). `None` (the default) is deterministic. The trunk
@@ -173,26 +176,32 @@ def model_loss_sums(model, batch, mesh, key=None, sum_weights=None):
         trunk_arrays, trunk_static = eqx.partition(trunk, eqx.is_array)
         trunk = eqx.combine(jax.lax.stop_gradient(trunk_arrays), trunk_static)
     # The depths follow the trunk's output dtype (see `scan_depths`).
-    trunk = in_compute_dtype(trunk, model.config.compute_dtype)
-    if mesh is not None:
-        # FSDP: the embedding is gathered over `data` before the lookups (of the
-        # trunk and of the sequential depths).
-        trunk = eqx.tree_at(
-            lambda t: t.embedding, trunk, gathered_over_data(trunk.embedding, mesh)
-        )
-    with tracing_on(mesh):
-        hidden = map_rows(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
-            batch.tokens, batch.positions, batch.documents
-        )
-    # Resolved as any trunk's final norm is, so that both paths run the same program.
+    config = model.config
+    trunk = in_compute_dtype(trunk, config.compute_dtype)
     head = Head(
         trunk.embedding,
         trunk.unembedding_matrix,
-        check_final_norm(None, trunk.final_norm, model.config.dim, hidden.dtype),
-        chunk_size=model.config.loss_chunk_size,
-        impl=model.config.loss_impl,
+        trunk.final_norm,
+        chunk_size=config.loss_chunk_size,
+        impl=config.loss_impl,
         mesh=mesh,
     )
+    if mesh is None:
+        hidden = map_rows(lambda t, p, s: trunk(t, positions=p, segment_ids=s))(
+            batch.tokens, batch.positions, batch.documents
+        )
+    else:
+        # The trunk, the sequential depths and the heads all read the head's one
+        # per-token-shard copy of the embedding, so its gradient is reduced once.
+        head = head.with_copies()
+        embedded = head.lookup(batch.tokens)
+        with tracing_on(mesh):
+            hidden = map_rows(
+                lambda t, p, s, e: trunk(t, positions=p, segment_ids=s, embeddings=e)
+            )(batch.tokens, batch.positions, batch.documents, embedded)
+    # Resolved as any trunk's final norm is, so that both paths run the same program.
+    final_norm = check_final_norm(None, trunk.final_norm, config.dim, hidden.dtype)
+    head = dataclasses.replace(head, final_norm=final_norm)
     return loss_sums_of_hidden(hidden, batch, head, model.depths, key, sum_weights)
 
 

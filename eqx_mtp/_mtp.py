@@ -167,7 +167,7 @@ def run_depth_scan(depths, hidden, batch, head, readout, key=None, readout_init=
         source = previous if sequential else hidden
         if sequential:
             ahead = batch.shifted(batch.tokens, -k)
-            next_embeddings = head.embedding[ahead].astype(dtype)
+            next_embeddings = head.lookup(ahead).astype(dtype)
         else:
             next_embeddings = None
         # Modules act on one example: one key per row, as for any vmapped module.

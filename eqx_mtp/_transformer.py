@@ -280,12 +280,16 @@ class Transformer(eqx.Module):
         *,
         positions: Int[Array, " seq"],
         segment_ids: Int[Array, " seq"],
+        embeddings: Float[Array, "seq dim"] | None = None,
     ) -> Float[Array, "seq dim"]:
         """`h⁰` of one row. `segment_ids`: `0` for padding, a positive id for a
         document; a document is a maximal run of one id (the runs are numbered here,
-        see [`eqx_mtp.document_ids`][], so a reused id is another document)."""
+        see [`eqx_mtp.document_ids`][], so a reused id is another document).
+        `embeddings`: the row's input embeddings, looked up already (on a mesh the
+        loss looks them up from its own copies of the embedding); `None`: from
+        `self.embedding`."""
         segment_ids = checked_documents("Transformer", segment_ids)
-        x = self.embedding[tokens]
+        x = self.embedding[tokens] if embeddings is None else embeddings
         return scan_blocks(
             self.blocks,
             x,

@@ -10,6 +10,13 @@ none is left to the transpose of a shard-mapped program:
 - loss sums `psum`-ed over every axis; the gradient w.r.t. the hidden states `psum`-ed
   over `model`, the one w.r.t. the unembedding over `data` and `context`.
 
+A matrix may also come as per-token-shard copies (`token_shard_copies`): one copy of
+its vocabulary-padded rows per (`data`, `context`) shard. Then the heads
+(`vocab_parallel_unchecked`) and the embedding lookups (`copies_lookup`) read a
+device's own copy and return its gradient unreduced, the copies' gradients from every
+use add up on each device, and the one reduction over the token shards is the
+transpose of the broadcast that made the copies.
+
 No device holds more than one `[chunk, vocab / model]` block of logits.
 """
 
@@ -19,7 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
 from ._checks import check_choice, check_chunk_size, check_head_inputs
@@ -40,6 +47,7 @@ _TOKEN_AXES = (DATA, CONTEXT)
 _TOKENS = PartitionSpec(DATA, CONTEXT)
 _HIDDEN = PartitionSpec(DATA, CONTEXT, None)
 _VOCAB = PartitionSpec(MODEL, None)
+_COPIES = PartitionSpec(_TOKEN_AXES, MODEL, None)
 _SCALAR = PartitionSpec()
 
 
@@ -76,7 +84,10 @@ def _flat(h, t, valid):
 def _local_loss(h, w, t, valid, *, chunk, vocab_size, with_grads):
     """Per device: the global loss sum, the log-normalisers of its tokens and, when
     `with_grads`, the gradients of the sum w.r.t. its hidden states and its shard of
-    the unembedding (for a unit cotangent)."""
+    the unembedding (for a unit cotangent): summed over the token shards, or this
+    device's own, unreduced, when `w` is its `[1, vocab / model, dim]` copy."""
+    copy = w.ndim == 3
+    w = w[0] if copy else w
     rows, seq, dim = h.shape
     num_tokens = rows * seq
     dtype = _common_dtype(h, w)
@@ -113,14 +124,23 @@ def _local_loss(h, w, t, valid, *, chunk, vocab_size, with_grads):
     if not with_grads:
         return total, log_normalizers
     grad_h = _unchunked(grad_h, num_tokens).reshape(rows, seq, dim)
-    grad_w = jax.lax.psum(grad_w, _TOKEN_AXES).astype(unembed_dtype)
-    return total, log_normalizers, grad_h, grad_w
+    return total, log_normalizers, grad_h, _token_summed(grad_w, copy, unembed_dtype)
+
+
+def _token_summed(grad_w, copy, dtype):
+    """A device's unembedding gradient, summed over the token shards, or as the
+    gradient of its own copy (`copy`: the reduction is the copies' broadcast's)."""
+    if copy:
+        return grad_w[None].astype(dtype)
+    return jax.lax.psum(grad_w, _TOKEN_AXES).astype(dtype)
 
 
 def _local_recomputed_grads(h, w, t, scales, log_normalizers, *, chunk, vocab_size):
     """Per device: the gradients of `Σ_i scales[i] · loss_i` (`scales` the sum's
     cotangent where a token counts, exactly zero elsewhere), recomputing each chunk's
-    logits from the saved log-normalisers."""
+    logits from the saved log-normalisers; the unembedding's as `_local_loss`'s."""
+    copy = w.ndim == 3
+    w = w[0] if copy else w
     rows, seq, dim = h.shape
     dtype = _common_dtype(h, w)
     hidden_dtype, unembed_dtype = h.dtype, w.dtype
@@ -147,8 +167,7 @@ def _local_recomputed_grads(h, w, t, scales, log_normalizers, *, chunk, vocab_si
         ),
     )
     grad_h = _unchunked(grad_h, rows * seq).reshape(rows, seq, dim)
-    grad_w = jax.lax.psum(grad_w, _TOKEN_AXES).astype(unembed_dtype)
-    return grad_h, grad_w
+    return grad_h, _token_summed(grad_w, copy, unembed_dtype)
 
 
 def _shard_mapped(fn, mesh, in_specs, out_specs):
@@ -159,14 +178,20 @@ def _shard_mapped(fn, mesh, in_specs, out_specs):
     )
 
 
-_LOSS_IN = (_HIDDEN, _VOCAB, _TOKENS, _TOKENS)
+def _matrix_spec(w):
+    """The `PartitionSpec` of an unembedding `[vocab, dim]`, or of its copies."""
+    return _COPIES if w.ndim == 3 else _VOCAB
+
+
+def _loss_in(w):
+    return (_HIDDEN, _matrix_spec(w), _TOKENS, _TOKENS)
 
 
 def _loss_only(hidden, w, targets, where, mesh, chunk, vocab_size):
     fn = functools.partial(
         _local_loss, chunk=chunk, vocab_size=vocab_size, with_grads=False
     )
-    return _shard_mapped(fn, mesh, _LOSS_IN, (_SCALAR, _TOKENS))(
+    return _shard_mapped(fn, mesh, _loss_in(w), (_SCALAR, _TOKENS))(
         hidden, w, targets, where
     )
 
@@ -185,7 +210,7 @@ def _fused_fwd(hidden, w, targets, where, mesh, chunk, vocab_size):
         _local_loss, chunk=chunk, vocab_size=vocab_size, with_grads=True
     )
     total, _, grad_h, grad_w = _shard_mapped(
-        fn, mesh, _LOSS_IN, (_SCALAR, _TOKENS, _HIDDEN, _VOCAB)
+        fn, mesh, _loss_in(w), (_SCALAR, _TOKENS, _HIDDEN, _matrix_spec(w))
     )(hidden, w, targets, where)
     return total, (grad_h, grad_w)
 
@@ -224,9 +249,9 @@ def _recomputed_bwd(mesh, chunk, vocab_size, residuals, cotangent):
     # Masked tokens get an exactly zero logits gradient.
     scales = jnp.where(where, cotangent.astype(jnp.float32), 0.0)
     fn = functools.partial(_local_recomputed_grads, chunk=chunk, vocab_size=vocab_size)
-    grad_h, grad_w = _shard_mapped(fn, mesh, (*_LOSS_IN, _TOKENS), (_HIDDEN, _VOCAB))(
-        hidden, w, targets, scales, log_normalizers
-    )
+    grad_h, grad_w = _shard_mapped(
+        fn, mesh, (*_loss_in(w), _TOKENS), (_HIDDEN, _matrix_spec(w))
+    )(hidden, w, targets, scales, log_normalizers)
     return grad_h, grad_w, None, None
 
 
@@ -283,10 +308,12 @@ def vocab_parallel_loss_sum(
 
 
 def vocab_parallel_unchecked(
-    hidden, unembedding, targets, where, *, mesh, chunk_size, impl
+    hidden, unembedding, targets, where, *, mesh, chunk_size, impl, vocab_size=None
 ):
     """`vocab_parallel_loss_sum` without its input checks, but with the mesh's, which
-    the shapes of a batch split over it must meet."""
+    the shapes of a batch split over it must meet. `unembedding` may also be the
+    per-token-shard copies of a `vocab_size` vocabulary (`token_shard_copies`; not
+    with `impl="naive"`), whose gradient then comes unreduced."""
     check_mesh(mesh)
     batch, seq_len, dim = hidden.shape
     check_batch_fits_mesh(mesh, (batch, seq_len), name="hidden")
@@ -295,9 +322,11 @@ def vocab_parallel_unchecked(
             hidden.reshape(-1, dim), unembedding, targets.reshape(-1), where.reshape(-1)
         )
         return total, jnp.sum(where, dtype=jnp.int32)
-    vocab_size = unembedding.shape[0]
-    pad = -vocab_size % mesh.shape[MODEL]
-    w = jnp.pad(unembedding, ((0, pad), (0, 0))) if pad else unembedding
+    if unembedding.ndim == 3:
+        w = unembedding
+    else:
+        vocab_size = unembedding.shape[0]
+        w = padded_vocabulary(unembedding, mesh)
     local_tokens = (batch // mesh.shape[DATA]) * (seq_len // mesh.shape[CONTEXT])
     chunk = local_tokens if chunk_size is None else min(chunk_size, local_tokens)
     loss = _fused if impl == "fused" else _recomputed
@@ -305,18 +334,84 @@ def vocab_parallel_unchecked(
     return total, jnp.sum(where, dtype=jnp.int32)
 
 
+def padded_vocabulary(matrix: Array, mesh: Mesh) -> Array:
+    """A `[vocab, dim]` matrix with zero rows up to a multiple of the `model` axis."""
+    pad = -matrix.shape[0] % mesh.shape[MODEL]
+    return jnp.pad(matrix, ((0, pad), (0, 0))) if pad else matrix
+
+
+def token_shard_copies(matrix: Array, mesh: Mesh) -> Array:
+    """`[data · context, padded vocab, dim]`: one copy of the vocabulary-padded
+    `matrix` per token shard, its vocabulary split over `model`. Every head and
+    lookup that reads the copies returns its gradient unreduced, so the transpose of
+    this broadcast is the one reduction of the matrix's gradient over the token
+    shards (per step, not per use)."""
+    shards = mesh.shape[DATA] * mesh.shape[CONTEXT]
+    padded = padded_vocabulary(matrix, mesh)
+    copies = jnp.broadcast_to(padded[None], (shards, *padded.shape))
+    return jax.lax.with_sharding_constraint(copies, NamedSharding(mesh, _COPIES))
+
+
+def _local_lookup(copy, ids):
+    """This device's tokens' rows of its copy, zero where another `model` shard holds
+    the row, and the in-shard row numbers."""
+    width = copy.shape[1]
+    local = ids - jax.lax.axis_index(MODEL) * width
+    inside = (local >= 0) & (local < width)
+    return jnp.clip(local, 0, width - 1), inside
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def copies_lookup(copies, ids, mesh):
+    """The `[batch, seq, dim]` embeddings of `[batch, seq]` token ids, rows over
+    `data` and the sequence over `context`, from the per-token-shard `copies`
+    (`token_shard_copies`); its gradient w.r.t. the copies is each device's own,
+    unreduced."""
+
+    def lookup(copy, ids):
+        local, inside = _local_lookup(copy, ids)
+        rows = jnp.where(inside[..., None], copy[0][local], 0)
+        return jax.lax.psum(rows, MODEL)
+
+    return _shard_mapped(lookup, mesh, (_COPIES, _TOKENS), _HIDDEN)(copies, ids)
+
+
+def _copies_lookup_fwd(copies, ids, mesh):
+    # The copies only for their shape and dtype; they live on for the heads anyway.
+    return copies_lookup(copies, ids, mesh), (copies, ids)
+
+
+def _copies_lookup_bwd(mesh, residuals, cotangent):
+    copies, ids = residuals
+
+    def scatter(copy, ids, cotangent):
+        local, inside = _local_lookup(copy, ids)
+        rows = jnp.where(inside[..., None], cotangent, 0).astype(copy.dtype)
+        return jnp.zeros_like(copy).at[0, local].add(rows)
+
+    grad = _shard_mapped(scatter, mesh, (_COPIES, _TOKENS, _HIDDEN), _COPIES)(
+        copies, ids, cotangent
+    )
+    return grad, None
+
+
+copies_lookup.defvjp(_copies_lookup_fwd, _copies_lookup_bwd)
+
+
 def rows_head_loss_sum(
     hidden: Float[Array, "batch seq dim"],
-    unembedding: Float[Array, "vocab dim"],
+    unembedding: Float[Array, "*copies vocab dim"],
     targets: Int[Array, "batch seq"],
     where: Bool[Array, "batch seq"],
     *,
     mesh: Mesh | None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     impl: str = "fused",
+    vocab_size: int | None = None,
 ) -> tuple[Float[Array, ""], Int[Array, ""]]:
     """The head loss of `[batch, seq]` rows: [`eqx_mtp.head_loss_sum`][] on one
-    device (`mesh=None`), [`eqx_mtp.vocab_parallel_loss_sum`][] over a mesh.
+    device (`mesh=None`), [`eqx_mtp.vocab_parallel_loss_sum`][] over a mesh (where
+    `unembedding` may be the per-token-shard copies of a `vocab_size` vocabulary).
 
     Its callers check their inputs (a batch, or the depths' arguments), so only the
     choices are checked here, which no caller's check covers."""
@@ -332,5 +427,12 @@ def rows_head_loss_sum(
             impl=impl,
         )
     return vocab_parallel_unchecked(
-        hidden, unembedding, targets, where, mesh=mesh, chunk_size=chunk_size, impl=impl
+        hidden,
+        unembedding,
+        targets,
+        where,
+        mesh=mesh,
+        chunk_size=chunk_size,
+        impl=impl,
+        vocab_size=vocab_size,
     )

@@ -172,6 +172,26 @@ def test_mtp_loss_on_mesh_equals_single_device(shape, num_depths, mtp_kind, loss
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(expected_grads))
 
 
+def test_untied_mtp_loss_on_mesh_equals_single_device():
+    """An untied unembedding (its own per-token-shard copies, apart from the
+    embedding's) on a mesh that pads the vocabulary (19 over model=2): loss, sums
+    and every gradient equal the single-device run."""
+    config = tiny_config(num_depths=2, tie_embeddings=False, loss_chunk_size=3)
+    model = random_model(config, seed=5)
+    (loss, aux), grads = _loss_and_grads(model, None)
+    mesh = eqx_mtp.make_mesh(2, 2, 2)
+    (mesh_loss, mesh_aux), mesh_grads = _loss_and_grads(
+        eqx_mtp.shard_tree(model, mesh), mesh
+    )
+    np.testing.assert_array_equal(mesh_aux["token_counts"], aux["token_counts"])
+    assert tree_allclose(mesh_aux["loss_sums"], aux["loss_sums"], rtol=1e-5)
+    assert tree_allclose(mesh_loss, loss, rtol=1e-5)
+    # A gradient of the unembedding's copies dropped, or reduced into the
+    # embedding's, shows here.
+    assert tree_allclose(mesh_grads, grads, rtol=1e-5)
+    assert np.any(np.asarray(grads.trunk.unembedding) != 0)
+
+
 def test_context_parallel_attention_gathers_keys_and_values():
     """On a `context` mesh each query shard attends to gathered keys and values. The
     bug this catches: attention left to the partitioner keeps the logits split by key
@@ -229,6 +249,79 @@ def test_mesh_loss_sums_equal_loop_reference():
     np.testing.assert_array_equal(aux["token_counts"], expected_counts)
     assert np.all(expected_counts > 0)
     assert tree_allclose(aux["loss_sums"], expected_sums, rtol=1e-5)
+
+
+def _group_size(attributes, num_devices):
+    """Devices per replica group of a collective's HLO attributes."""
+    if found := re.search(r"replica_groups=\{\{([\d,]*)\}", attributes):
+        return len(found[1].split(","))
+    if found := re.search(r"replica_groups=\[\d+,(\d+)\]", attributes):
+        return int(found[1])
+    mesh_groups = r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}"
+    if found := re.search(mesh_groups, attributes):
+        sizes = {a: int(n) for a, n in re.findall(r"'(\w+)'=(\d+)", found[1])}
+        return int(np.prod([sizes[a] for a in re.findall(r"'(\w+)'", found[2])]))
+    return num_devices
+
+
+def _reductions_of(hlo, array_type, num_devices):
+    """`(computation, instruction)` once per operand of type `array_type` (e.g.
+    `"f32[19,16]"`) of every all-reduce or reduce-scatter of the optimised module
+    `hlo` over more than one device (combined reductions hold several operands)."""
+    instruction = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$")
+    types, found, computation = {}, [], None
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            computation = line.split("(")[0].strip()
+        if not (match := instruction.match(line)):
+            continue
+        name, type_text, opcode, rest = match.groups()
+        types[name] = type_text
+        kind = opcode.removesuffix("-start")
+        if kind not in ("all-reduce", "reduce-scatter"):
+            continue
+        if _group_size(rest, num_devices) < 2:
+            continue
+        operands = rest.split(")")[0]
+        operand_types = " ".join(
+            types.get(n, "") for n in re.findall(r"%([\w.\-]+)", operands)
+        )
+        found += [(computation, name)] * operand_types.count(array_type + "{")
+    return found
+
+
+def test_tied_embedding_gradient_reduced_once():
+    """On (8, 1, 1) the tied embedding's gradient is reduced over the devices once
+    per step, in the entry computation: the trunk's lookup, the sequential depths'
+    lookups and the 1 + D heads' unembedding gradients add up on each device first.
+    Reducing per use (once per lookup and per head, the depths' inside their scan)
+    moves 2(1 + D) times the bytes."""
+    config = tiny_config(num_depths=2, mtp_kind="sequential")
+    assert config.tie_embeddings
+    mesh = eqx_mtp.make_mesh(8, 1, 1)
+    model = eqx_mtp.shard_tree(random_model(config), mesh)
+    tokens, loss_mask = _batch(config.vocab_size)
+    tokens = jax.device_put(jnp.asarray(tokens), eqx_mtp.batch_sharding(mesh))
+
+    def loss(m, tokens):
+        return eqx_mtp.mtp_loss(m, tokens, mesh=mesh)[0]
+
+    hlo = (
+        eqx.filter_jit(eqx.filter_grad(loss))
+        .lower(model, tokens)
+        .compile(compiler_options=_FAST)
+        .compiled.as_text()
+    )
+    # The gradient's per-device operand: the whole [vocab, dim] table (the width is
+    # split over data only in the result of a reduce-scatter, the vocabulary over
+    # model, of size 1 here).
+    shard_type = f"f32[{config.vocab_size},{config.dim}]"
+    reductions = _reductions_of(hlo, shard_type, num_devices=8)
+    assert len(reductions) == 1, reductions
+    ((computation, _),) = reductions
+    assert computation.startswith("ENTRY"), computation
+    # Not vacuous: the reader does see the block matrices' gradient reductions.
+    assert _reductions_of(hlo, f"f32[{config.mlp_dim},{config.dim}]", 8)
 
 
 def test_shard_tree_shards_parameters():
