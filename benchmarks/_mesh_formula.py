@@ -78,9 +78,9 @@ key- and query-sharded layouts by two all-to-alls, `2 · R·h/m_q·S·(S/context
 **Not modelled:** integer collectives (token and segment ids, flags), and on the
 `(2, 2, 2)` mesh XLA's resharding of `eh_proj` by collective-permutes and block
 weights it gathers over `data` more often than twice (the formula reads 0.91 of that
-mesh's HLO at `mesh.py --quick`'s sizes). Where the
-library computes in float32 whatever the model's dtype (`FLOAT32`), the bytes are
-float32's; the benchmark measures float32 models, so `b_p = b_a = 2` is a projection.
+mesh's HLO at `mesh.py --quick`'s sizes). Where the library computes in float32
+whatever the model's dtype (`FLOAT32`), the bytes are float32's; the benchmark
+measures float32 models, so `b_p = b_a = 2` is a projection.
 """
 
 from __future__ import annotations
