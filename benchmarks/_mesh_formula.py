@@ -3,13 +3,13 @@ device per step, term by term, from the model's shape and the mesh. `mesh.py` ho
 it against the compiled program's HLO.
 
 The step is that of a Llama-style trunk with `D` sequential transformer MTP depths
-(tied embeddings, `loss_impl="fused"`, `remat="full"`), laid out by
-`eqx_mtp.DEFAULT_RULES` on a `(data, model, context)` mesh. Bytes follow the HLO
-reader's conventions (`_hlo.py`): an all-gather counts its per-device result, every
-other collective its operand, so a gradient reduced by an all-reduce of the full array
-or by a reduce-scatter of it counts the same bytes. (A ring moves about `(g-1)/g` of
-these bytes per device for an all-gather, reduce-scatter or all-to-all over `g`
-devices and `2(g-1)/g` for an all-reduce.)
+(tied embeddings unless `tie_embeddings=False`, `loss_impl="fused"`,
+`remat="full"`), laid out by `eqx_mtp.DEFAULT_RULES` on a `(data, model, context)`
+mesh. Bytes follow the HLO reader's conventions (`_hlo.py`): an all-gather counts its
+per-device result, every other collective its operand, so a gradient reduced by an
+all-reduce of the full array or by a reduce-scatter of it counts the same bytes. (A
+ring moves about `(g-1)/g` of these bytes per device for an all-gather,
+reduce-scatter or all-to-all over `g` devices and `2(g-1)/g` for an all-reduce.)
 
 Notation: `V, H, F` vocabulary, width, MLP width; `q = heads·head_dim`,
 `kv = kv_heads·head_dim`; `L` trunk layers, `D` depths, so `L + D` transformer blocks
@@ -21,8 +21,9 @@ the rule does not name the axis or the axis does not divide the dimension); a bl
 holds `q, k, v, gate, up` (`[out, in]` over `(model, data)`), `o, down`
 (`(data, model)`) and two norms; a depth adds `eh_proj` `[H, 2H]` (`(data, None)`)
 and two norms; the trunk has the embedding `[V, H]` (`(model, data)`) and a final
-norm. Every term belongs to a `group`: `embedding` (the tied table and its
-gradients), `blocks` (block and `eh_proj` weights, norms) or `activations`.
+norm, and an untied unembedding `[V, H]` as the embedding. Every term belongs to a
+`group`: `embedding` (the embedding, an untied unembedding, and their gradients),
+`blocks` (block and `eh_proj` weights, norms) or `activations`.
 
 **FSDP over `data`** (`data > 1`), all-gather. Every block matrix is gathered before
 its forward matmul and gathered *again* for the backward (XLA does not keep the
@@ -30,24 +31,32 @@ gathered copy across the pass): `2 · |W| / m_W` per matrix per block, `eh_proj`
 likewise per depth. A scan runs its gathers once per iteration; a scan of one
 iteration is unrolled by XLA and its gathers, invariant in the micro-batch loop, are
 hoisted out of it: `× M` only where the scan has ≥ 2 iterations. The embedding is
-gathered once a step, `V·H·b_p / m_E`: the same `[V/model, H]` copy feeds every
-lookup and every output head.
+gathered once a step, `V·H·b_p / m_E`, hoisted out of the micro-batch loop: the same
+`[V/model, H]` table feeds every micro-batch's copies (below); an untied unembedding
+`[V, H]` (laid out as the embedding) is gathered once a step besides.
 
 **Gradient reduction over `data` and `context`** (`gradient_collective`): every
 gradient is a partial sum over the tokens of `data` and `context`, reduced in two
 stages, over `data` the full (model-sharded) gradient, `|W| / m_W`, then over
 `context` the device's `data` shard, `|W| / (m_W·d_W)`; once per micro-batch; norms
-`H·b_p` per stage. The tied embedding gets `2(1 + D)` gradients reduced apart,
-`V·H·b_p / m_E` each: each lookup's scatter-add into the gathered table, over `data`
-and again over `context` (both stages of the whole table), and each output head's
-unembedding gradient, `psum`-ed over `(data, context)` at once inside the loss's
-shard_map, in float32.
+`H·b_p` per stage. The embedding is not reduced per use: every lookup and every output
+head reads one per-token-shard copy of the vocabulary-padded table (`[data·context,
+V_pad, H]`, split `((data, context), model, None)`, `V_pad` the multiple of `model`
+at or above `V`) and leaves its gradient there unreduced, so the copies' broadcast's
+transpose reduces the sum of all `2(1 + D)` uses' gradients in one collective over
+the `data·context` devices together (an all-reduce where `data = 1`),
+`V_pad·H·b_p / model` per micro-batch (in the parameters' dtype). An untied
+unembedding has copies of its own and one reduction more, of the same bytes. The
+broadcast into the copies is the embedding's FSDP gather above and moves nothing
+more: each device's copy is the gathered `[V/model, H]` table it holds.
 
 **Tensor parallelism over `model`** (`model > 1`), all-reduce, per block per
-micro-batch: forward, the row-parallel `o` and `down` outputs, `2 · T·H·b_a`;
+micro-batch: forward, the row-parallel `o` and `down` outputs, `2 · T·H·b_a`, and
+under `remat="full"` the same again in the backward's rematerialised forward;
 backward, the input gradient of each column-parallel matmul (`q, k, v, gate, up`),
 `5 · T·H·b_a` (only the parts whose width `model` divides). Each lookup of the
-vocabulary-sharded embedding is `psum`-ed over `model`: `T·H·b_p`, forward only.
+vocabulary-sharded copies is `psum`-ed over `model`: `T·H·b_p`, forward only (the
+lookups are outside the rematerialised blocks).
 
 **Vocabulary-parallel loss** (`model > 1`), all-reduce, per head per micro-batch: the
 max logit, the sum of exponentials and the target logit per token (`3 · T · 4`), and
@@ -66,10 +75,12 @@ gathered (`3 · R·h/m_q·S · 4`), the attention output and the query gradient
 all-reduced (`2 · R·S·q/m_q · b_a`), and the probabilities' gradient moved between
 key- and query-sharded layouts by two all-to-alls, `2 · R·h/m_q·S·(S/context) · 4`.
 
-**Not modelled:** integer collectives (token and segment ids, flags) and XLA's
-resharding of `eh_proj` by collective-permutes on the `(2, 2, 2)` mesh. Where the
-library computes in float32 whatever the model's dtype (`FLOAT32`), the bytes are
-float32's; the benchmark measures float32 models, so `b_p = b_a = 2` is a projection.
+**Not modelled:** integer collectives (token and segment ids, flags), and on the
+`(2, 2, 2)` mesh XLA's resharding of `eh_proj` by collective-permutes and block
+weights it gathers over `data` more often than twice (the formula reads 0.91 of that
+mesh's HLO at `mesh.py --quick`'s sizes). Where the library computes in float32
+whatever the model's dtype (`FLOAT32`), the bytes are float32's; the benchmark
+measures float32 models, so `b_p = b_a = 2` is a projection.
 """
 
 from __future__ import annotations
@@ -103,6 +114,7 @@ class Setup:
     - `context_attention`: `"kv_gather"` (the library) or `"xla"`.
     - `remat`: the model's policy, `"full"` (the default, what `mesh.py` measures)
         or `"none"` (keys and values gathered once; not measured).
+    - `tie_embeddings`: whether the unembedding is the embedding (the default).
     """
 
     vocab: int
@@ -124,6 +136,7 @@ class Setup:
     gradient_collective: str = "all-reduce"
     context_attention: str = "kv_gather"
     remat: str = "full"
+    tie_embeddings: bool = True
 
     def __post_init__(self):
         choices = dict(
@@ -144,7 +157,8 @@ class Setup:
 
     def matrices(self) -> dict[str, list]:
         """`block`, `eh_proj`, `embedding`: lists of `([out, in], (axis of out, axis
-        of in))` as `DEFAULT_RULES` lay them out."""
+        of in))` as `DEFAULT_RULES` lay them out; `embedding` holds an untied
+        unembedding too."""
         q, kv, dim = (
             self.num_heads * self.head_dim,
             self.num_kv_heads * self.head_dim,
@@ -162,7 +176,7 @@ class Setup:
                 ((dim, self.mlp_dim), row),
             ],
             eh_proj=[((dim, 2 * dim), ("data", None))],
-            embedding=[((self.vocab, dim), column)],
+            embedding=[((self.vocab, dim), column)] * (2 - self.tie_embeddings),
         )
 
     def ways(self, shape, axes, axis: str) -> int:
@@ -206,9 +220,11 @@ class Setup:
         return self.rows * self.seq // (self.data * self.context)
 
     @property
-    def table(self) -> int:
-        """Bytes of the gathered `[V/model, H]` embedding table."""
-        return self.model_sharded(self.matrices()["embedding"])
+    def copy(self) -> int:
+        """Bytes of a device's per-token-shard copy of the embedding (or of an untied
+        unembedding), `[V_pad/model, H]`."""
+        padded = -(-self.vocab // self.model) * self.model
+        return padded * self.dim * self.bytes_per_param // self.model
 
 
 def _fsdp(s: Setup, add) -> None:
@@ -233,7 +249,7 @@ def _fsdp(s: Setup, add) -> None:
         2 * s.gathered(depth) * s.per_step(s.num_depths),
     )
     add(
-        "FSDP: embedding, once a step",
+        "FSDP: embedding (and an untied unembedding), once a step",
         "embedding",
         "data",
         "all-gather",
@@ -243,7 +259,7 @@ def _fsdp(s: Setup, add) -> None:
 
 def _gradients(s: Setup, add) -> None:
     m, M = s.matrices(), s.micro_batches
-    blocks, outputs = s.num_layers + s.num_depths, 1 + s.num_depths
+    blocks = s.num_layers + s.num_depths
     norms = (2 * s.num_layers + 1 + 4 * s.num_depths) * s.dim * s.bytes_per_param
     matrices = blocks * s.model_sharded(m["block"]) + s.num_depths * s.model_sharded(
         m["eh_proj"]
@@ -258,12 +274,15 @@ def _gradients(s: Setup, add) -> None:
         if getattr(s, axis) > 1:
             name = "gradients: block and eh_proj matrices, norms"
             add(name, "blocks", axis, kind, M * (nbytes + norms))
-            name = "gradients: embedding lookups (scatter-add into the table)"
-            add(name, "embedding", axis, kind, M * outputs * s.table)
     if s.data * s.context > 1:
-        name = "gradients: unembedding, psum in each head's shard_map"
-        nbytes = M * outputs * s.table // s.bytes_per_param * FLOAT32
-        add(name, "embedding", "data+context", "all-reduce", nbytes)
+        # One reduction of the token-shard copies for all lookups and heads.
+        axis = "+".join(a for a in ("data", "context") if getattr(s, a) > 1)
+        kind = s.gradient_collective if s.data > 1 else "all-reduce"
+        name = "gradients: embedding copies, every lookup and head, reduced once"
+        add(name, "embedding", axis, kind, M * s.copy)
+        if not s.tie_embeddings:
+            name = "gradients: untied unembedding copies, every head, reduced once"
+            add(name, "embedding", axis, kind, M * s.copy)
 
 
 def _tensor_parallel(s: Setup, add) -> None:
@@ -278,13 +297,17 @@ def _tensor_parallel(s: Setup, add) -> None:
         "activations", "model", "all-reduce",
         blocks * (attention_split + mlp_split) * activation,
     )  # fmt: skip
+    if s.remat == "full":
+        add(
+            "TP: o and down outputs, again in the rematerialised forward",
+            "activations", "model", "all-reduce",
+            blocks * (attention_split + mlp_split) * activation,
+        )  # fmt: skip
     add(
         "TP: q, k, v, gate, up input gradients (backward)",
         "activations", "model", "all-reduce",
         blocks * (3 * attention_split + 2 * mlp_split) * activation,
     )  # fmt: skip
-    if s.ways(*s.matrices()["embedding"][0], "model") == 1:
-        return
     heads = s.micro_batches * outputs * s.tokens
     add(
         "TP: lookups of the vocabulary-sharded embedding",
@@ -416,8 +439,9 @@ LLAMA2_7B = dict(
 # transformer block: MLA attention as plain multi-head attention of 128 heads of 128
 # and the MoE layer as one dense SwiGLU of 18432 (V3's dense-layer width). Only the
 # depth's increment is reported: D = 1 against D = 0 on no trunk layers, so the
-# shared embedding's gather (once a step) is not in it, and its lookup, output head
-# and loss are.
+# shared embedding's gather (once a step) and its gradient's reduction (once per
+# micro-batch, whatever D) are not in it, and its lookup's and output head's
+# activations and loss are.
 DEEPSEEK_V3_DEPTH = dict(
     vocab=129280,
     dim=7168,

@@ -183,8 +183,8 @@ def print_report(args, config, records, seconds) -> None:
     for record in records[1:]:
         print(mesh_tables(record) + "\n")
     print(summary_table(records) + "\n")
-    print("The tied embedding's collectives (its gather, its lookup and head")
-    print("gradients' reductions), bytes per device per step:\n")
+    print("The tied embedding's collectives (its gather, the one reduction of its")
+    print("copies' gradient for every lookup and head), bytes per device per step:\n")
     print(embedding_table(records) + "\n")
     mismatched = [
         mesh_name(r)

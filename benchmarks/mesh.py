@@ -18,9 +18,10 @@ integer collectives are counted in the HLO totals (and reported apart) but not i
 the formula: they are a few bytes per token.
 
 **The embedding's share.** The tied embedding's collectives (its FSDP gather and the
-reductions of its lookup and head gradients) are reported apart: in the HLO, every
-array of a collective shaped like a shard of the table (`[V or V/model, H/k]`); in
-the formula, the terms of its `embedding` group.
+one reduction of its per-token-shard copies' gradient, which sums every lookup's and
+every head's) are reported apart: in the HLO, every array of a collective shaped like
+a shard of the table (`[V or V/model, H/k]`, or `[V_pad/model, H]`); in the formula,
+the terms of its `embedding` group.
 
 `--pod` prints only the formula at pod scale (a Llama-2-7B trunk on 256 chips, one
 DeepSeek-V3-sized MTP depth); nothing is compiled. `--quick`: one layer of width 64,
@@ -94,13 +95,19 @@ def _setup(args, config, mesh_shape) -> formula.Setup:
         context=context,
         micro_batches=args.micro_batches,
         remat=config.remat,
+        tie_embeddings=config.tie_embeddings,
     )
 
 
 def embedding_arrays(config: eqx_mtp.ModelConfig, model: int):
     """`(dtype, shape) -> bool`: whether an array of a collective is (a shard of) the
-    embedding table or its gradient, `[V or V/model, H/k]`."""
-    rows = {config.vocab_size, config.vocab_size // model}
+    embedding table or its gradient, `[V or V/model, H/k]`, or a copy's gradient,
+    `[V_pad/model, H]` (the vocabulary padded to a multiple of `model`)."""
+    rows = {
+        config.vocab_size,
+        config.vocab_size // model,
+        -(-config.vocab_size // model),
+    }
 
     def where(dtype, shape):
         return len(shape) == 2 and shape[0] in rows and config.dim % shape[1] == 0

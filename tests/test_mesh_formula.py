@@ -38,19 +38,18 @@ def test_fsdp_only():
         # gathered forward and backward, every matrix split by data = 2
         "FSDP: trunk block weights, forward + backward": 2 * 2304,
         "FSDP: depth block and eh_proj weights, forward + backward": 2 * (2304 + 512),
-        "FSDP: embedding, once a step": 2048,
+        "FSDP: embedding (and an untied unembedding), once a step": 2048,
         # two blocks and one eh_proj, whole, and the 7 norms
         "gradients: block and eh_proj matrices, norms": 2 * 2304 + 512 + 7 * 32,
-        # two lookups and two heads, each the whole table
-        "gradients: embedding lookups (scatter-add into the table)": 2 * 2048,
-        "gradients: unembedding, psum in each head's shard_map": 2 * 2048,
+        # two lookups and two heads, one reduction of the whole table
+        "gradients: embedding copies, every lookup and head, reduced once": 2048,
     }
     assert total_by(terms, "group") == {
         "blocks": 4608 + 5632 + 5344,
-        "embedding": 2048 + 4096 + 4096,
+        "embedding": 2048 + 2048,
     }
-    assert total_by(terms, "kind") == {"all-gather": 12288, "all-reduce": 13536}
-    assert {t["axis"] for t in terms} == {"data", "data+context"}
+    assert total_by(terms, "kind") == {"all-gather": 12288, "all-reduce": 7392}
+    assert {t["axis"] for t in terms} == {"data"}
 
 
 def test_model_and_context():
@@ -62,9 +61,10 @@ def test_model_and_context():
     assert by_name == {
         # context stage: blocks halved by model (eh_proj is not split by it)
         "gradients: block and eh_proj matrices, norms": 2 * 1152 + 512 + 7 * 32,
-        "gradients: embedding lookups (scatter-add into the table)": 2 * 1024,
-        "gradients: unembedding, psum in each head's shard_map": 2 * 1024,
+        # the copies [64 / 2, 8] of the two lookups and two heads, reduced once
+        "gradients: embedding copies, every lookup and head, reduced once": 1024,
         "TP: o and down outputs (forward)": 2 * 2 * 512,
+        "TP: o and down outputs, again in the rematerialised forward": 2 * 2 * 512,
         "TP: q, k, v, gate, up input gradients (backward)": 2 * 5 * 512,
         "TP: lookups of the vocabulary-sharded embedding": 32 * 8 * 4,
         "loss: max, sum of exps, target logit per token": 32 * 3 * 4,
@@ -75,16 +75,44 @@ def test_model_and_context():
         ),
         "context: key and value gradients": 2 * 512,
     }
-    assert total_by(terms, "kind") == {"all-reduce": 17760, "all-gather": 2048}
-    assert total_by(terms, "group")["embedding"] == 4096
+    assert total_by(terms, "kind") == {"all-reduce": 16736, "all-gather": 2048}
+    assert total_by(terms, "group")["embedding"] == 1024
     assert total_by(terms, "axis") == {
-        "context": 3040 + 2048 + 3072,
-        "data+context": 2048,
-        "model": 2048 + 5120 + 1024 + 384 + 1024,
+        "context": 3040 + 1024 + 3072,
+        "model": 2 * 2048 + 5120 + 1024 + 384 + 1024,
     }
-    # Without remat the gathered keys and values are not gathered again.
+    # Without remat neither the keys and values are gathered again nor the o and
+    # down outputs all-reduced again.
     kept = collective_terms(Setup(**SHAPE, model=2, context=2, remat="none"))
-    assert sum(t["bytes"] for t in kept) == 19808 - 1024
+    assert sum(t["bytes"] for t in kept) == 18784 - 1024 - 2048
+
+
+def test_untied_unembedding_and_a_padded_vocabulary():
+    """An untied unembedding is gathered and its copies reduced once besides the
+    embedding's; a vocabulary `model` does not divide is padded in the copies."""
+    by_name = {
+        t["name"]: t["bytes"]
+        for t in collective_terms(Setup(**SHAPE, data=2, tie_embeddings=False))
+    }
+    assert by_name["FSDP: embedding (and an untied unembedding), once a step"] == (
+        2 * 2048
+    )
+    assert (
+        by_name["gradients: embedding copies, every lookup and head, reduced once"]
+        == by_name["gradients: untied unembedding copies, every head, reduced once"]
+        == 2048
+    )
+    # vocabulary 63 on model = 2: copies of 32 rows of 8 floats, over data+context
+    odd = dict(SHAPE, vocab=63)
+    terms = collective_terms(Setup(**odd, data=2, model=2, context=2))
+    copies = [t for t in terms if t["name"].startswith("gradients: embedding")]
+    assert [(t["axis"], t["kind"], t["bytes"]) for t in copies] == [
+        ("data+context", "all-reduce", 32 * 8 * 4)
+    ]
+    # both [63, 8] matrices, split by data over their width
+    assert parameter_bytes_per_device(Setup(**odd, data=2, tie_embeddings=False)) == (
+        2 * 63 * 8 * 4 // 2 + 32 + (1152 + 64) + (1152 + 256 + 128)
+    )
 
 
 def test_micro_batches_and_a_single_layer_scan():
