@@ -21,10 +21,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array
 
 from ._batch import PackedBatch
-from ._cross_entropy import rows_weighted_loss_sum
+from ._checks import check_choice, check_chunk_size
+from ._config import LOSS_IMPLS
+from ._cross_entropy import head_loss_sum_unchecked, rows_weighted_loss_sum
 from ._fused_ce import DEFAULT_CHUNK_SIZE, inject_gradient
 from ._mesh import CONTEXT, DATA, MODEL, batch_sharding
-from ._vocab_parallel import copies_lookup, rows_head_loss_sum, token_shard_copies
+from ._vocab_parallel import (
+    copies_lookup,
+    token_shard_copies,
+    vocab_parallel_unchecked,
+)
 
 
 class Head(eqx.Module):
@@ -49,6 +55,10 @@ class Head(eqx.Module):
     impl: str = eqx.field(default="fused", static=True)
     mesh: Mesh | None = eqx.field(default=None, static=True)
     vocab_size: int | None = eqx.field(default=None, static=True)
+
+    def __check_init__(self):
+        check_chunk_size(None, "chunk_size", self.chunk_size)
+        check_choice(None, "impl", self.impl, LOSS_IMPLS)
 
     def placed(self, hidden: Array, batch: PackedBatch):
         """`(hidden, batch, head)` laid out for the mesh: rows over `data`, the
@@ -103,8 +113,17 @@ class Head(eqx.Module):
         gradient times `weight` as a value, the sum differentiable w.r.t. `normed`
         only."""
         targets, valid = batch.targets(depth)
+        if weight is None and self.mesh is None:
+            return head_loss_sum_unchecked(
+                normed.reshape(-1, normed.shape[-1]),
+                self.unembedding,
+                targets.reshape(-1),
+                valid.reshape(-1),
+                chunk_size=self.chunk_size,
+                impl=self.impl,
+            )
         if weight is None:
-            return rows_head_loss_sum(
+            return vocab_parallel_unchecked(
                 normed,
                 self.unembedding,
                 targets,

@@ -31,7 +31,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ._checks import check_choice, check_chunk_size, check_head_inputs
 from ._config import LOSS_IMPLS
-from ._cross_entropy import head_loss_sum_unchecked, naive_loss_sum
+from ._cross_entropy import naive_loss_sum
 from ._fused_ce import (
     DEFAULT_CHUNK_SIZE,
     _chunked,
@@ -396,43 +396,3 @@ def _copies_lookup_bwd(mesh, residuals, cotangent):
 
 
 copies_lookup.defvjp(_copies_lookup_fwd, _copies_lookup_bwd)
-
-
-def rows_head_loss_sum(
-    hidden: Float[Array, "batch seq dim"],
-    unembedding: Float[Array, "*copies vocab dim"],
-    targets: Int[Array, "batch seq"],
-    where: Bool[Array, "batch seq"],
-    *,
-    mesh: Mesh | None,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    impl: str = "fused",
-    vocab_size: int | None = None,
-) -> tuple[Float[Array, ""], Int[Array, ""]]:
-    """The head loss of `[batch, seq]` rows: [`eqx_mtp.head_loss_sum`][] on one
-    device (`mesh=None`), [`eqx_mtp.vocab_parallel_loss_sum`][] over a mesh (where
-    `unembedding` may be the per-token-shard copies of a `vocab_size` vocabulary).
-
-    Its callers check their inputs (a batch, or the depths' arguments), so only the
-    choices are checked here, which no caller's check covers."""
-    check_chunk_size(None, "chunk_size", chunk_size)
-    check_choice(None, "impl", impl, LOSS_IMPLS)
-    if mesh is None:
-        return head_loss_sum_unchecked(
-            hidden.reshape(-1, hidden.shape[-1]),
-            unembedding,
-            targets.reshape(-1),
-            where.reshape(-1),
-            chunk_size=chunk_size,
-            impl=impl,
-        )
-    return vocab_parallel_unchecked(
-        hidden,
-        unembedding,
-        targets,
-        where,
-        mesh=mesh,
-        chunk_size=chunk_size,
-        impl=impl,
-        vocab_size=vocab_size,
-    )

@@ -41,6 +41,7 @@ SLOW_FILES = {
     "test_frozen_trunk.py",
     "test_docs_examples.py",
     "test_sharded_loss.py",
+    "test_multiprocess.py",
 }
 
 
