@@ -189,6 +189,24 @@ def add_random_mtp_depths(
     return out
 
 
+TINY_LLAMA = dict(
+    vocab_size=40,
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=24,
+    max_position_embeddings=32,
+)
+"""The shape of the smallest Llama checkpoint the tests write (one layer of width 16,
+2 heads sharing one KV head); tests that need another shape override fields of it."""
+
+
+def tiny_llama(**overrides) -> dict:
+    """`TINY_LLAMA` with `overrides`: keyword arguments of `write_llama_checkpoint`."""
+    return TINY_LLAMA | overrides
+
+
 def write_llama_checkpoint(
     directory,
     *,

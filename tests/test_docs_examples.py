@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from helpers import TINY_JOB, tiny_config
-from llama_reference import write_llama_checkpoint
+from llama_reference import tiny_llama, write_llama_checkpoint
 
 import eqx_mtp
 from eqx_mtp.train import TrainConfig, train
@@ -31,7 +31,8 @@ DOCS = ROOT / "docs"
 PAGES = ["README.md"] + sorted(
     p.relative_to(ROOT).as_posix() for p in DOCS.rglob("*.md")
 )
-TINY_LLAMA = dict(
+# Rows of bytes need a vocabulary over 259 and positions up to 128.
+TINY_LLAMA = tiny_llama(
     vocab_size=300,
     hidden_size=32,
     num_layers=2,

@@ -10,21 +10,13 @@ import jax
 import numpy as np
 import pytest
 from helpers import TINY_JOB
-from llama_reference import write_llama_checkpoint
+from llama_reference import tiny_llama, write_llama_checkpoint
 
 import eqx_mtp
 from eqx_mtp.train._cli import _parser, main
 from eqx_mtp.train._job import TrainConfig, train
 
-SIZES = dict(
-    vocab_size=40,
-    hidden_size=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    intermediate_size=24,
-    max_position_embeddings=32,
-)
+SIZES = tiny_llama()
 
 
 @pytest.fixture(scope="module")

@@ -25,20 +25,22 @@ from llama_reference import (
     llama_hidden,
     llama_logits,
     random_llama_tensors,
+    tiny_llama,
     write_llama_checkpoint,
 )
 
 import eqx_mtp
 
-SIZES = dict(
+# Two layers, 4 heads over 2 KV heads, and a rope theta and norm epsilon other than
+# the defaults, so that a loader keeping either default is caught.
+SIZES = tiny_llama(
     vocab_size=23,
-    hidden_size=16,
     num_layers=2,
     num_heads=4,
     num_kv_heads=2,
-    intermediate_size=24,
     rope_theta=500.0,
     rms_norm_eps=1e-5,
+    max_position_embeddings=64,
 )
 TOKENS = np.array([3, 17, 0, 22, 5, 5, 9, 1, 14, 2, 8, 20], np.int32)
 
