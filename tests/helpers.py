@@ -178,3 +178,19 @@ class ToyLayer(eqx.Module):
 
     def __call__(self, x, *, positions, segment_ids):
         return x + jax.vmap(self.mlp)(x)
+
+
+class DropoutLayer(eqx.Module):
+    """A user's block with dropout: `x + dropout(W x)`; deterministic without a
+    key."""
+
+    proj: eqx.nn.Linear
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, dim, *, key):
+        self.proj = eqx.nn.Linear(dim, dim, use_bias=False, key=key)
+        self.dropout = eqx.nn.Dropout(p=0.5)
+
+    def __call__(self, x, *, positions, segment_ids, key=None):
+        y = jax.vmap(self.proj)(x)
+        return x + self.dropout(y, key=key, inference=key is None)

@@ -12,6 +12,7 @@ import pytest
 from helpers import (
     SEGMENT_IDS,
     VOCAB,
+    DropoutLayer,
     ToyLayer,
     ToyTrunk,
     packed_arrays,
@@ -332,22 +333,6 @@ def test_train_config_compute_dtype():
 
 
 # -- the block key ---------------------------------------------------------------------
-
-
-class DropoutLayer(eqx.Module):
-    """A user's block with dropout: `x + dropout(W x)`; deterministic without a
-    key."""
-
-    proj: eqx.nn.Linear
-    dropout: eqx.nn.Dropout
-
-    def __init__(self, dim, *, key):
-        self.proj = eqx.nn.Linear(dim, dim, use_bias=False, key=key)
-        self.dropout = eqx.nn.Dropout(p=0.5)
-
-    def __call__(self, x, *, positions, segment_ids, key=None):
-        y = jax.vmap(self.proj)(x)
-        return x + self.dropout(y, key=key, inference=key is None)
 
 
 class DrawLayer(eqx.Module):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_config, tree_allclose
+from helpers import DropoutLayer, tiny_config, tree_allclose
 from reference import (
     documents_reference,
     loop_mtp_loss_sums,
@@ -333,22 +333,6 @@ def test_train_step_with_depth_weights_equals_the_reference_loss():
         mtp_weight,
     )
     assert not tree_allclose(unweighted, grads, rtol=1e-5, atol=1e-7)
-
-
-class DropoutLayer(eqx.Module):
-    """A user's block with dropout: `x + dropout(W x)`; deterministic without a
-    key."""
-
-    proj: eqx.nn.Linear
-    dropout: eqx.nn.Dropout
-
-    def __init__(self, dim, *, key):
-        self.proj = eqx.nn.Linear(dim, dim, use_bias=False, key=key)
-        self.dropout = eqx.nn.Dropout(p=0.5)
-
-    def __call__(self, x, *, positions, segment_ids, key=None):
-        y = jax.vmap(self.proj)(x)
-        return x + self.dropout(y, key=key, inference=key is None)
 
 
 def test_train_step_key_drives_dropout_reproducibly(getkey):
