@@ -11,24 +11,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import eqx_mtp
-from eqx_mtp.train import TrainConfig, make_optimizer, train_step
-
-
-def job_optimizer(job: TrainConfig, model) -> optax.GradientTransformation:
-    """The optimizer `eqx-mtp train` builds from `job` for `model`."""
-    return make_optimizer(
-        model,
-        learning_rate=job.optimizer.learning_rate,
-        total_steps=job.run.steps,
-        warmup_steps=job.optimizer.warmup_steps,
-        min_learning_rate_ratio=job.optimizer.min_learning_rate_ratio,
-        weight_decay=job.optimizer.weight_decay,
-        grad_clip=job.optimizer.grad_clip,
-        depth_grad_clip=job.optimizer.depth_grad_clip,
-    )
+from eqx_mtp.train import TrainConfig, train_step
+from eqx_mtp.train._job import job_optimizer
 
 
 def step_arguments(optimizer, batch, weight, reduction, model, opt_state, mesh=None):

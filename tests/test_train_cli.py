@@ -9,7 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from helpers import TINY_JOB
+from helpers import TINY_JOB, tiny_config
 
 import eqx_mtp
 from eqx_mtp.train._cli import _parser, main
@@ -104,16 +104,7 @@ def test_flat_and_nested_layouts_compose_the_same_config(corpus):
     flat = dict(TINY_JOB, data=corpus, learning_rate=0.01, mesh="data=1")
     config = TrainConfig.from_dict(flat)
     assert TrainConfig.from_dict(config.to_dict()) == config
-    assert config.model == eqx_mtp.ModelConfig(
-        vocab_size=eqx_mtp.train.BYTE_VOCAB_SIZE,
-        dim=16,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        mlp_dim=24,
-        max_seq_len=16,
-        num_depths=2,
-    )
+    assert config.model == tiny_config(vocab_size=eqx_mtp.train.BYTE_VOCAB_SIZE)
     assert config.optimizer.learning_rate == 0.01
     assert config.data.path == corpus and config.mesh.axes == "data=1"
 

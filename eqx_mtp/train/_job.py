@@ -13,11 +13,13 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from .._config import ModelConfig
 from .._mesh import batch_sharding
+from .._model import MTPModel
 from .._schedule import parse_mtp_weight
 from ._checkpoint import Checkpointer, CheckpointError, write_json
 from ._config import TrainConfig, UserError
@@ -156,12 +158,10 @@ def _set_up(config: TrainConfig) -> _Job | dict:
     return job
 
 
-def _build(config, run, mesh, checkpointer, stored) -> _Job:
-    """Data, model and optimizer state, fresh or restored from `checkpointer`."""
-    batches, evaluation = job_data(config, mesh)
-    loss_mesh = mesh if mesh.size > 1 else None
-    model = init_model(config.model, config.run.seed, loss_mesh, config.init_from)
-    optimizer = make_optimizer(
+def job_optimizer(config: TrainConfig, model: MTPModel) -> optax.GradientTransformation:
+    """The optimizer the job builds for `model` from `config`'s optimizer section and
+    its number of steps."""
+    return make_optimizer(
         model,
         learning_rate=config.optimizer.learning_rate,
         total_steps=config.run.steps,
@@ -171,6 +171,14 @@ def _build(config, run, mesh, checkpointer, stored) -> _Job:
         grad_clip=config.optimizer.grad_clip,
         depth_grad_clip=config.optimizer.depth_grad_clip,
     )
+
+
+def _build(config, run, mesh, checkpointer, stored) -> _Job:
+    """Data, model and optimizer state, fresh or restored from `checkpointer`."""
+    batches, evaluation = job_data(config, mesh)
+    loss_mesh = mesh if mesh.size > 1 else None
+    model = init_model(config.model, config.run.seed, loss_mesh, config.init_from)
+    optimizer = job_optimizer(config, model)
     opt_state = init_opt_state(optimizer, model, loss_mesh)
     fresh = checkpointer is None
     if fresh:
