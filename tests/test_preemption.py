@@ -26,8 +26,8 @@ from eqx_mtp.train._checkpoint import Checkpointer
 from eqx_mtp.train._job import TrainConfig, train
 from eqx_mtp.train._preemption import EXIT_PREEMPTED
 
-# One length for the single-process tests, so that they share one reference run;
-# long enough that a run signalled at step 6 is still going.
+# A checkpoint after every step makes each step slow enough (a save) that a kill
+# lands mid-run.
 JOB = dict(
     TINY_JOB,
     steps=30,
@@ -35,16 +35,31 @@ JOB = dict(
     save_every=1,
     keep=2,
 )
+# Without periodic saves a step takes ~16 ms here, so a run signalled at step 6 must
+# have many steps left for the signal to land before the end however the machine
+# stalls the test between seeing a line and signalling.
+SIGTERM_JOB = dict(JOB, steps=200, save_every=0)
 CLI = [sys.executable, "-m", "eqx_mtp.train._cli", "train"]
+
+
+def _reference(job, corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("reference") / "run"
+    job = dict(job, data=corpus, run=str(run), num_devices=1, save_every=0)
+    train(TrainConfig.from_dict(job), progress=False)
+    return run, dict(logged_losses(run))
 
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
     """The uninterrupted run of `JOB` on one device: its directory and losses."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    job = dict(JOB, data=corpus, run=str(run), num_devices=1, save_every=0)
-    train(TrainConfig.from_dict(job), progress=False)
-    return run, dict(logged_losses(run))
+    return _reference(JOB, corpus, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sigterm_reference(corpus, tmp_path_factory):
+    """The uninterrupted run of `SIGTERM_JOB` on one device: its directory and
+    losses."""
+    return _reference(SIGTERM_JOB, corpus, tmp_path_factory)
 
 
 def _lines(run) -> int:
@@ -109,15 +124,15 @@ def test_restart_loop_with_sigkill_at_random_moments(corpus, reference, tmp_path
 
 @pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_the_same_command_continues(
-    corpus, reference, tmp_path
+    corpus, sigterm_reference, tmp_path
 ):
     """SIGTERM at a random step: exit code 75 within a bounded time, the newest
     checkpoint is of the last step trained (not of an earlier periodic save), and
     launching the same command again gives the uninterrupted run's losses. Catches a
     handler that dies without saving, saves a stale step, or leaves the restarted
     run a step behind."""
-    job = dict(JOB, data=corpus, save_every=0)
-    _, expected = reference
+    job = dict(SIGTERM_JOB, data=corpus)
+    _, expected = sigterm_reference
     run = tmp_path / "run"
     command = CLI + job_flags(dict(job, run=str(run), num_devices=1))
     target = random.Random(1).randint(2, 6)
