@@ -37,13 +37,14 @@ import tempfile
 import time
 
 import _common
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _timing import spread, time_interleaved
 
 import eqx_mtp
-from eqx_mtp._decode import _draft, _empty_cache
+from eqx_mtp._decode import _rowwise
 
 TARGETS = {"default": 1.6, "deep": 2.0}
 
@@ -68,39 +69,36 @@ def _prompts(config: dict, count: int, prompt_len: int) -> np.ndarray:
     return np.stack(rows[:count])
 
 
-def _round_parts(model, batch: int, size: int, repeats: int) -> dict:
-    """Seconds of one round's verify pass and of its drafting, each alone, at
-    `batch` rows with caches of `size` positions half full."""
-    config = model.config
-    num_drafts = config.num_depths
-    window = 2 * num_drafts
-    trunk_cache = _empty_cache(config, config.num_layers, size, jnp.float32)
-    depth_cache = _empty_cache(config, num_drafts, size, jnp.float32)
-    h0 = jnp.zeros((size, config.dim), jnp.float32)
-    seq = jnp.zeros((size,), jnp.int32)
-    n = jnp.int32(size // 2)
+def _round_parts(model, prompts, max_new: int, repeats: int) -> dict:
+    """Seconds of a round's parts on `prompts` just prefilled, each alone: the
+    plain step (a cached trunk pass over one token), the verify pass over `D + 1`
+    tokens, and the depths' drafting; compiled as `generate` runs them."""
+    batch, width = prompts.shape
+    lengths = jnp.full((batch,), width, jnp.int32)
+    keys = jax.random.split(jax.random.key(0), batch)
+    num_drafts = model.config.num_depths
 
-    def verify(tokens, cache):
-        return eqx_mtp.trunk_forward_cached(model.trunk, tokens, n - 1, cache)
+    def decoder(drafts):
+        length = eqx_mtp.Decoder.cache_length(width, max_new, drafts)
+        return eqx_mtp.Decoder(
+            model, max_new_tokens=max_new, num_drafts=drafts, length=length,
+            temperature=0.0, top_k=None,
+        )  # fmt: skip
 
-    def draft(cache):
-        return _draft(
-            model, h0, seq, n - 1 - window, window, n - 2, cache,
-            jax.random.key(0), 0.0, None,
-        )[0]  # fmt: skip
+    def compiled(fn, *args):
+        program = eqx.filter_jit(_rowwise(fn, batch)).lower(*args).compile()
+        return lambda: jax.block_until_ready(program(*args))
 
-    def batched(fn, *args):
-        stacked = jax.tree.map(lambda x: jnp.stack([x] * batch), args)
-        compiled = jax.jit(jax.vmap(fn)).lower(*stacked).compile()
-        return lambda: compiled(*stacked)
-
-    tokens = jnp.zeros((num_drafts + 1,), jnp.int32)
-    one = jnp.zeros((1,), jnp.int32)
+    plain, spec = decoder(0), decoder(num_drafts)
+    plain_state = eqx.filter_jit(_rowwise(plain.prefill, batch))(prompts, lengths, keys)
+    spec_state = eqx.filter_jit(_rowwise(spec.prefill, batch))(prompts, lengths, keys)
+    no_drafts = eqx_mtp.Drafts(jnp.zeros((batch, 0), jnp.int32), None)
+    drafts = eqx_mtp.Drafts(jnp.zeros((batch, num_drafts), jnp.int32), None)
     timings = time_interleaved(
         dict(
-            verify=batched(verify, tokens, trunk_cache),
-            plain_step=batched(verify, one, trunk_cache),
-            draft=batched(draft, depth_cache),
+            verify=compiled(spec.verify, spec_state, drafts),
+            plain_step=compiled(plain.verify, plain_state, no_drafts),
+            draft=compiled(spec.draft, spec_state),
         ),
         repeats,
     )
@@ -133,10 +131,7 @@ def measure(name: str, run: str, args) -> dict:
         identical = bool(jnp.all(plain.tokens == spec.tokens))
         tokens = plain.tokens.size
         rates = {mode: [tokens / s for s in seconds[mode]] for mode in seconds}
-        parts = _round_parts(
-            model, batch, args.prompt_len + max_new + 2 * model_config.num_depths + 2,
-            args.part_repeats,
-        )  # fmt: skip
+        parts = _round_parts(model, prompts, max_new, args.part_repeats)
         record = dict(
             run=name,
             batch=batch,

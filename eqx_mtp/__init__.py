@@ -12,10 +12,11 @@ from . import interop as interop, nn as nn
 from ._batch import PackedBatch as PackedBatch
 from ._config import ModelConfig as ModelConfig
 from ._cross_entropy import head_loss_sum as head_loss_sum
-from ._decode import (
-    Generation as Generation,
-    generate as generate,
-    trunk_forward_cached as trunk_forward_cached,
+from ._decode import Generation as Generation, generate as generate
+from ._decoder import (
+    Decoder as Decoder,
+    DecodeState as DecodeState,
+    Drafts as Drafts,
 )
 from ._documents import document_ids as document_ids
 from ._fused_ce import fused_cross_entropy as fused_cross_entropy

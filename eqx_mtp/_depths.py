@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._config import MTPKind, RematPolicy
+from ._kv_cache import KVCache
 from ._transformer import (
     RMSNorm,
     SwiGLU,
@@ -103,15 +104,22 @@ class MTPDepth(eqx.Module):
         next_embeddings: Float[Array, "seq dim"] | None,
         *,
         positions: Int[Array, " seq"],
-        segment_ids: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"] | None,
         layer: eqx.Module | None = None,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq dim"]:
+        cache: KVCache | None = None,
+    ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
         """This depth's hidden state from the previous depth's (or, parallel, the
         trunk's) and the embeddings of the tokens `k` places ahead. `key` goes to the
-        layer, and only when it is not `None` (see [`eqx_mtp.MTPDepths`][])."""
+        layer, and only when it is not `None` (see [`eqx_mtp.MTPDepths`][]).
+
+        `cache`: for a layer that attends (a [`eqx_mtp.nn.TransformerBlock`][]), a
+        one-layer [`eqx_mtp.nn.KVCache`][] of this depth's earlier positions, to
+        decode: `(hidden, cache)` is returned (see [`eqx_mtp.nn.Attention`][])."""
         layer = self.layer if layer is None else layer
         x = self.layer_input(hidden, next_embeddings)
+        if cache is not None:
+            return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
         return call_block(
             layer, x, positions=positions, segment_ids=segment_ids, key=key
         )

@@ -20,6 +20,7 @@ from ._attention import (
 )
 from ._config import ModelConfig, RematPolicy
 from ._documents import checked_documents
+from ._kv_cache import KVCache, cached_attention_mask
 from ._mesh import gathered_over_context
 
 
@@ -113,9 +114,20 @@ class Attention(eqx.Module):
         x: Float[Array, "seq dim"],
         *,
         positions: Int[Array, " seq"],
-        segment_ids: Int[Array, " seq"],
-    ) -> Float[Array, "seq dim"]:
+        segment_ids: Int[Array, " seq"] | None,
+        cache: KVCache | None = None,
+    ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
+        """Attention over one packed row; with `cache`, over `x` at the consecutive
+        `positions` of a one-document row whose earlier keys and values the cache
+        holds: the new ones are written first, and `(output, cache)` returned
+        (`segment_ids` is not read and may be `None`)."""
         q, k, v = self.project(x, positions)
+        if cache is not None:
+            cache = cache.write(k, v, positions[0])
+            keys, values = cache.read()
+            mask = cached_attention_mask(positions, cache.length)
+            out = grouped_attention(q, keys, values, mask)
+            return dense(self.o_proj, out.reshape(x.shape[0], -1)), cache
         # Context parallelism: each query shard attends to the whole row's keys.
         # Gathering keys and values costs O(seq · kv_dim) per layer; left to itself,
         # the partitioner splits the logits by key and exchanges O(seq²) gradients.
@@ -182,14 +194,26 @@ class TransformerBlock(eqx.Module):
         x: Float[Array, "seq dim"],
         *,
         positions: Int[Array, " seq"],
-        segment_ids: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"] | None,
         key: PRNGKeyArray | None = None,
-    ) -> Float[Array, "seq dim"]:
+        cache: KVCache | None = None,
+    ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
+        """The block on one row; with a [`eqx_mtp.nn.KVCache`][], on positions
+        that continue the cached ones, returning `(output, cache)` (see
+        [`eqx_mtp.nn.Attention`][])."""
         del key  # deterministic
-        x = x + self.attention(
-            self.attention_norm(x), positions=positions, segment_ids=segment_ids
-        )
-        return x + self.mlp(self.mlp_norm(x))
+        normed = self.attention_norm(x)
+        if cache is None:
+            attended = self.attention(
+                normed, positions=positions, segment_ids=segment_ids
+            )
+        else:
+            attended, cache = self.attention(
+                normed, positions=positions, segment_ids=segment_ids, cache=cache
+            )
+        x = x + attended
+        x = x + self.mlp(self.mlp_norm(x))
+        return x if cache is None else (x, cache)
 
 
 def remat(fn: Callable, policy: RematPolicy) -> Callable:
@@ -221,18 +245,40 @@ def scan_blocks(
     x: Float[Array, "seq dim"],
     *,
     positions: Int[Array, " seq"],
-    segment_ids: Int[Array, " seq"],
+    segment_ids: Int[Array, " seq"] | None,
     remat_policy: RematPolicy = "none",
-) -> Float[Array, "seq dim"]:
-    """Run a stacked module of blocks over `x` with one `jax.lax.scan`."""
+    cache: KVCache | None = None,
+) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
+    """Run a stacked module of blocks over `x` with one `jax.lax.scan`; with `cache`
+    (one layer per block), block `i` reads and writes layer `i` of it, and
+    `(output, cache)` is returned."""
     dynamic, static = eqx.partition(blocks, eqx.is_array)
+    if cache is None:
 
-    def body(h, block_params):
+        def body(h, block_params):
+            block = eqx.combine(block_params, static)
+            return block(h, positions=positions, segment_ids=segment_ids), None
+
+        out, _ = jax.lax.scan(remat(body, remat_policy), x, dynamic)
+        return out
+
+    def cached_body(carry, xs):
+        h, cache = carry
+        block_params, layer = xs
         block = eqx.combine(block_params, static)
-        return block(h, positions=positions, segment_ids=segment_ids), None
+        h, cache = block(
+            h, positions=positions, segment_ids=segment_ids, cache=cache.at_layer(layer)
+        )
+        return (h, cache), None
 
-    out, _ = jax.lax.scan(remat(body, remat_policy), x, dynamic)
-    return out
+    # Decoding runs a few tokens at a time: the scan is unrolled, so that each
+    # layer's cache slice is a constant offset into the carried stack (updated in
+    # place, never copied) and the loop's per-iteration overhead goes.
+    layers = jnp.arange(cache.keys.shape[0])
+    (out, cache), _ = jax.lax.scan(
+        cached_body, (x, cache), (dynamic, layers), unroll=True
+    )
+    return out, cache.at_layer(0)
 
 
 class Transformer(eqx.Module):
@@ -279,17 +325,32 @@ class Transformer(eqx.Module):
         tokens: Int[Array, " seq"],
         *,
         positions: Int[Array, " seq"],
-        segment_ids: Int[Array, " seq"],
+        segment_ids: Int[Array, " seq"] | None,
         embeddings: Float[Array, "seq dim"] | None = None,
-    ) -> Float[Array, "seq dim"]:
+        cache: KVCache | None = None,
+    ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
         """`h⁰` of one row. `segment_ids`: `0` for padding, a positive id for a
         document; a document is a maximal run of one id (the runs are numbered here,
         see [`eqx_mtp.document_ids`][], so a reused id is another document).
         `embeddings`: the row's input embeddings, looked up already (on a mesh the
         loss looks them up from its own copies of the embedding); `None`: from
-        `self.embedding`."""
-        segment_ids = checked_documents("Transformer", segment_ids)
+        `self.embedding`.
+
+        `cache`: a [`eqx_mtp.nn.KVCache`][] of `num_layers` layers holding the
+        keys and values of positions `< positions[0]` of a one-document row, to
+        decode: the tokens are at the consecutive `positions` that follow, and
+        `(h⁰, cache)` is returned, the cache extended by them (`segment_ids` is not
+        read and may be `None`). The same blocks compute both ways."""
         x = self.embedding[tokens] if embeddings is None else embeddings
+        if cache is not None:
+            return scan_blocks(
+                self.blocks,
+                x,
+                positions=positions,
+                segment_ids=segment_ids,
+                cache=cache,
+            )
+        segment_ids = checked_documents("Transformer", segment_ids)
         return scan_blocks(
             self.blocks,
             x,

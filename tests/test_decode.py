@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from reference import random_model
 
 import eqx_mtp
-from eqx_mtp._decode import _generate_jit, trunk_forward_cached
 from eqx_mtp._transformer import unstack_module
+from eqx_mtp.nn import KVCache
 
 
 def _model(seed=0, **overrides):
@@ -49,24 +49,77 @@ def _prompts(rng, lengths, vocab):
     return [list(rng.integers(0, vocab, size=n)) for n in lengths]
 
 
+def _empty_cache(config, layers, length=16):
+    return KVCache.empty(
+        layers=layers,
+        length=length,
+        num_kv_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+    )
+
+
 def test_cached_trunk_equals_full_forward():
     """A prefill, then one token at a time: every position's `h⁰` is the full
     forward's. Catches a cache written at the wrong offset, a mask that lets a query
-    see a later key (or not its own), and rotary positions restarting per chunk."""
+    see a later key (or not its own), rotary positions restarting per chunk, and a
+    layer reading another layer's cache."""
     model = _model()
     config = model.config
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 19, size=11), jnp.int32)
     expected = _full_hidden(model, tokens)
-    shape = (config.num_layers, 16, config.num_kv_heads, config.head_dim)
-    cache = (jnp.zeros(shape), jnp.zeros(shape))
-    prefill, cache = trunk_forward_cached(model.trunk, tokens[:4], jnp.int32(0), cache)
-    rows = [prefill]
-    for i in range(4, 11):
-        hidden, cache = trunk_forward_cached(
-            model.trunk, tokens[i : i + 1], jnp.int32(i), cache
+    cache = _empty_cache(config, config.num_layers)
+    rows = []
+    for start, stop in [(0, 4), *((i, i + 1) for i in range(4, 11))]:
+        positions = jnp.arange(start, stop, dtype=jnp.int32)
+        hidden, cache = model.trunk(
+            tokens[start:stop], positions=positions, segment_ids=None, cache=cache
         )
         rows.append(hidden)
     np.testing.assert_allclose(jnp.concatenate(rows), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_a_block_with_a_cache_computes_what_it_computes_without(layer_index):
+    """One trunk block and one depth, called on the same positions in chunks with a
+    cache and on the whole row without: equal outputs, so that the decoding forward
+    and the training forward are one computation. The cache has three layers and the
+    block uses layer `layer_index`; the other layers stay zero. Catches a cached
+    path that drifts from the training one (a norm, a projection or a rotary
+    embedding applied differently) and a write into the wrong layer."""
+    model = _model(1, num_depths=2, num_layers=2)
+    config = model.config
+    block = unstack_module(model.trunk.blocks, 1)
+    depth = model.depths.depth(0)
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(9, config.dim)), jnp.float32)
+    e = jnp.asarray(rng.normal(size=(9, config.dim)), jnp.float32)
+    positions = jnp.arange(9, dtype=jnp.int32)
+    one_document = jnp.ones((9,), jnp.int32)
+    expected_block = block(x, positions=positions, segment_ids=one_document)
+    expected_depth = depth(x, e, positions=positions, segment_ids=one_document)
+    block_cache = _empty_cache(config, 3).at_layer(layer_index)
+    depth_cache = _empty_cache(config, 3).at_layer(layer_index)
+    block_rows, depth_rows = [], []
+    for start, stop in [(0, 3), (3, 4), (4, 9)]:
+        at = positions[start:stop]
+        out, block_cache = block(
+            x[start:stop], positions=at, segment_ids=None, cache=block_cache
+        )
+        block_rows.append(out)
+        out, depth_cache = depth(
+            x[start:stop], e[start:stop], positions=at, segment_ids=None,
+            cache=depth_cache,
+        )  # fmt: skip
+        depth_rows.append(out)
+    np.testing.assert_allclose(
+        jnp.concatenate(block_rows), expected_block, rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        jnp.concatenate(depth_rows), expected_depth, rtol=1e-5, atol=1e-6
+    )
+    others = [i for i in range(3) if i != layer_index]
+    assert not np.any(np.asarray(block_cache.keys)[others])
+    assert np.any(np.asarray(block_cache.keys)[layer_index])
 
 
 @settings(max_examples=6)
@@ -95,21 +148,64 @@ def test_greedy_speculative_equals_plain_equals_naive(
         assert np.asarray(out.tokens).tolist() == expected, speculative
 
 
-def _override(prompts, continuations, pattern, num_depths, vocab):
-    """Drafts forced to the true continuation (`"all"`), to a wrong token (`"none"`),
-    or right at the positions where `MIXED` is true (`"mixed"`)."""
-    width = max(map(len, prompts)) + max(map(len, continuations)) + 4 * num_depths + 4
-    tokens = np.zeros((len(prompts), width), np.int32)
-    for row, (prompt, continuation) in enumerate(zip(prompts, continuations)):
-        truth = prompt + continuation
-        tokens[row, : len(truth)] = truth
-    right = {"all": True, "none": False, "mixed": MIXED[:width]}[pattern]
-    tokens = np.where(right, tokens, (tokens + 1) % vocab)
-    return jnp.asarray(tokens), jnp.ones((len(prompts), width), bool)
-
-
 # Right or wrong at random: rounds that keep a wrong draft before a right one.
 MIXED = np.random.default_rng(3).random(200) < 0.6
+
+
+def _forced(prompts, continuations, pattern, vocab):
+    """Per row, the token to force at each position: the true continuation
+    (`"all"`), a wrong token (`"none"`), or right where `MIXED` is true
+    (`"mixed"`)."""
+    rows = []
+    for prompt, continuation in zip(prompts, continuations):
+        truth = np.asarray(prompt + continuation)
+        right = {"all": True, "none": False, "mixed": MIXED[: len(truth)]}[pattern]
+        rows.append(np.where(right, truth, (truth + 1) % vocab))
+    return rows
+
+
+_prefill = eqx.filter_jit(eqx_mtp.Decoder.prefill)
+_draft = eqx.filter_jit(eqx_mtp.Decoder.draft)
+_verify = eqx.filter_jit(eqx_mtp.Decoder.verify)
+
+
+def _drive(model, prompts, max_new, forced):
+    """Each row decoded greedily round by round from Python with the decoder's
+    pieces, every draft replaced by `forced[row][position]`: per row the new
+    tokens, the rounds, the acceptance counts and every round's `(count, drafts)`
+    as the depths proposed them."""
+    num_depths = model.config.num_depths
+    width = max(map(len, prompts))
+    decoder = eqx_mtp.Decoder(
+        model,
+        max_new_tokens=max_new,
+        num_drafts=num_depths,
+        length=eqx_mtp.Decoder.cache_length(width, max_new, num_depths),
+        temperature=0.0,
+        top_k=None,
+    )
+    results = []
+    for row, prompt in enumerate(prompts):
+        padded = jnp.asarray(prompt + [0] * (width - len(prompt)), jnp.int32)
+        state = _prefill(decoder, padded, jnp.int32(len(prompt)), jax.random.key(0))
+        log = []
+        while not decoder.finished(state):
+            drafts, state = _draft(decoder, state)
+            count = int(state.count)
+            log.append((count, np.asarray(drafts.tokens).tolist()))
+            at = count + np.arange(num_depths)
+            forced_drafts = jnp.asarray(forced[row][at], jnp.int32)
+            drafts = eqx.tree_at(lambda d: d.tokens, drafts, forced_drafts)
+            state = _verify(decoder, state, drafts)
+        results.append(
+            (
+                np.asarray(decoder.new_tokens(state)).tolist(),
+                int(state.rounds),
+                np.asarray(state.accepted).tolist(),
+                log,
+            )
+        )
+    return results
 
 
 @pytest.mark.parametrize("pattern", ["all", "none", "mixed"])
@@ -122,23 +218,10 @@ def test_forced_acceptance_patterns(pattern):
     prompts = _prompts(np.random.default_rng(5), [3, 6], 19)
     # The truth past max_new too: the last round's drafts may run beyond it.
     truth = [naive_greedy(model, p, max_new + num_depths + 1) for p in prompts]
-    override = _override(prompts, truth, pattern, num_depths, 19)
-    width = max(map(len, prompts))
-    padded = jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32)
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    tokens, rounds, accepted = _generate_jit(
-        model,
-        padded,
-        lengths,
-        jax.random.split(jax.random.key(0), 2),
-        max_new_tokens=max_new,
-        num_drafts=num_depths,
-        temperature=0.0,
-        top_k=None,
-        override=override,
-    )
-    assert np.asarray(tokens).tolist() == [t[:max_new] for t in truth]
-    rounds, accepted = np.asarray(rounds), np.asarray(accepted)
+    results = _drive(model, prompts, max_new, _forced(prompts, truth, pattern, 19))
+    assert [tokens for tokens, *_ in results] == [t[:max_new] for t in truth]
+    rounds = np.asarray([r for _, r, _, _ in results])
+    accepted = np.asarray([a for _, _, a, _ in results])
     if pattern == "all":
         # The prompt's pass gives one token; every round then D + 1.
         assert rounds.tolist() == [-(-(max_new - 1) // (num_depths + 1))] * 2
@@ -210,25 +293,15 @@ def test_drafts_equal_the_depths_full_forward(overrides):
     num_depths, max_new = model.config.num_depths, 16
     prompts = _prompts(np.random.default_rng(7), [4, 2], 19)
     truth = [naive_greedy(model, p, max_new + num_depths + 1) for p in prompts]
-    width = max(map(len, prompts))
-    tokens, rounds, _, log_n, log_drafts = _generate_jit(
-        model,
-        jnp.asarray([p + [0] * (width - len(p)) for p in prompts], jnp.int32),
-        jnp.asarray([len(p) for p in prompts], jnp.int32),
-        jax.random.split(jax.random.key(0), 2),
-        max_new_tokens=max_new,
-        num_drafts=num_depths,
-        temperature=0.0,
-        top_k=None,
-        override=_override(prompts, truth, "mixed", num_depths, 19),
-        record=True,
-    )
+    results = _drive(model, prompts, max_new, _forced(prompts, truth, "mixed", 19))
     kept_all = 0
     for row, prompt in enumerate(prompts):
         sequence = prompt + truth[row]
-        ns = np.asarray(log_n[row][: int(rounds[row])]).tolist()
+        tokens, rounds, _, log = results[row]
+        assert tokens == truth[row][:max_new]
+        ns = [n for n, _ in log]
         kept_all += sum(b - a == num_depths + 1 for a, b in zip(ns, ns[1:]))
-        for n, drafts in zip(ns, np.asarray(log_drafts[row]).tolist()):
+        for n, drafts in log:
             tokens = sequence[:n] + drafts[:-1]
             padded = jnp.asarray(tokens + [0] * (32 - len(tokens)), jnp.int32)
             expected = _loop_drafts(model, padded, jnp.int32(n - 2)).tolist()

@@ -2,6 +2,7 @@
 blocks an MTP depth may run."""
 
 from .._blockwise import blockwise_attention as blockwise_attention
+from .._kv_cache import KVCache as KVCache
 from .._mtp import LinearBlock as LinearBlock, MLPBlock as MLPBlock
 from .._transformer import (
     Attention as Attention,
