@@ -148,6 +148,22 @@ def test_greedy_speculative_equals_plain_equals_naive(
         assert np.asarray(out.tokens).tolist() == expected, speculative
 
 
+def test_models_of_one_shape_each_decode_with_their_own_weights():
+    """Two models of one shape, one after the other, then the first again: each
+    output is its own model's greedy output. On a CPU the weights are compiled into
+    the decoding program; catches a program kept by shape alone, which would
+    decode the second model with the first one's weights."""
+    prompts = [[1, 2, 3]]
+    models = [_model(seed) for seed in (5, 6, 5)]
+    for model in models:
+        expected = [naive_greedy(model, p, 6) for p in prompts]
+        out = eqx_mtp.generate(model, prompts, max_new_tokens=6)
+        assert np.asarray(out.tokens).tolist() == expected
+    assert naive_greedy(models[0], prompts[0], 6) != naive_greedy(
+        models[1], prompts[0], 6
+    )
+
+
 # Right or wrong at random: rounds that keep a wrong draft before a right one.
 MIXED = np.random.default_rng(3).random(200) < 0.6
 
