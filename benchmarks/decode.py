@@ -43,6 +43,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _profile import format_profiles, less, op_profile
 from _timing import spread, time_interleaved
 
 import eqx_mtp
@@ -71,12 +72,15 @@ def _prompts(config: dict, count: int, prompt_len: int) -> np.ndarray:
     return np.stack(rows[:count])
 
 
-def _round_parts(model, prompts, max_new: int, rounds: int, repeats: int) -> dict:
+def _round_parts(
+    model, prompts, max_new: int, rounds: int, repeats: int, profile: bool
+) -> dict:
     """Seconds per round of a round's parts, each alone, as the decoding loop runs
     them (inside a compiled loop of `rounds` rounds, the weights compiled in as
     `generate` does on a CPU, less the prefill's time): the plain step (a cached
     trunk pass over one token), the verify pass over `D + 1` tokens, the depths'
-    drafting, and a whole speculative round."""
+    drafting, and a whole speculative round. With `profile`, also each part's
+    operations per round (`_profile.op_profile`, the prefill's left out)."""
     batch, width = prompts.shape
     lengths = jnp.full((batch,), width, jnp.int32)
     keys = jax.random.split(jax.random.key(0), batch)
@@ -113,31 +117,35 @@ def _round_parts(model, prompts, max_new: int, rounds: int, repeats: int) -> dic
             lambda s: s.count, state, state.count + jnp.minimum(drafts.tokens[0], 0)
         )
 
-    timings = time_interleaved(
-        dict(
-            plain_step=looped(
-                plain,
-                lambda s: plain.verify(
-                    s, eqx_mtp.Drafts(jnp.zeros((0,), jnp.int32), None)
-                ),
-            ),
-            verify=looped(spec, lambda s: spec.verify(s, fixed)),
-            draft=looped(spec, drafted),
-            round=looped(spec, spec.round),
-            prefill=looped(spec, None),
-            plain_prefill=looped(plain, None),
+    programs = dict(
+        plain_step=looped(
+            plain,
+            lambda s: plain.verify(s, eqx_mtp.Drafts(jnp.zeros((0,), jnp.int32), None)),
         ),
-        repeats,
+        verify=looped(spec, lambda s: spec.verify(s, fixed)),
+        draft=looped(spec, drafted),
+        round=looped(spec, spec.round),
+        prefill=looped(spec, None),
+        plain_prefill=looped(plain, None),
     )
+    timings = time_interleaved(programs, repeats)
     seconds = {part: timing.median for part, timing in timings.items()}
-    return {
-        f"{part}_seconds": (
-            seconds[part]
-            - seconds["plain_prefill" if part == "plain_step" else "prefill"]
-        )
-        / rounds
-        for part in ("plain_step", "verify", "draft", "round")
+    parts = ("plain_step", "verify", "draft", "round")
+    prefill = {
+        part: "plain_prefill" if part == "plain_step" else "prefill" for part in parts
     }
+    result = {
+        f"{part}_seconds": (seconds[part] - seconds[prefill[part]]) / rounds
+        for part in parts
+    }
+    if profile:
+        profiles = {
+            part: op_profile(program, 5, rounds) for part, program in programs.items()
+        }
+        result["op_profiles"] = {
+            part: less(profiles[part], profiles[prefill[part]]) for part in parts
+        }
+    return result
 
 
 def measure(name: str, run: str, args) -> dict:
@@ -168,7 +176,9 @@ def measure(name: str, run: str, args) -> dict:
         rates = {mode: [tokens / s for s in seconds[mode]] for mode in seconds}
         # Rounds that fit the cache even when every draft is kept.
         rounds = max(1, max_new // (model_config.num_depths + 1))
-        parts = _round_parts(model, prompts, max_new, rounds, args.part_repeats)
+        parts = _round_parts(
+            model, prompts, max_new, rounds, args.part_repeats, args.profile
+        )
         record = dict(
             run=name,
             batch=batch,
@@ -196,6 +206,8 @@ def measure(name: str, run: str, args) -> dict:
             f"{identical}",
             flush=True,
         )
+        if "op_profiles" in parts:
+            print(format_profiles(parts["op_profiles"]), flush=True)
     return dict(run=name, directory=run, records=records)
 
 
@@ -298,6 +310,13 @@ def doc_section(payload: dict, args) -> str:
         ],
         rows,
     )
+    profiles = [
+        f"**{run['run']}, batch {r['batch']}**, per round:\n\n"
+        + format_profiles(r["op_profiles"])
+        for run in runs
+        for r in run["records"]
+        if "op_profiles" in r
+    ]
     env = payload["environment"]
     command = "python benchmarks/decode.py " + " ".join(f"--run {r}" for r in args.run)
     report = "\n".join(
@@ -318,6 +337,12 @@ def doc_section(payload: dict, args) -> str:
             table,
             "",
             _common.markdown_table(["target", "measured", ""], targets),
+            *(
+                ["", "Operations of a round's parts (`--profile`):", ""]
+                if profiles
+                else []
+            ),
+            "\n\n".join(profiles),
         ]
     )
     return report
@@ -341,6 +366,11 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--part-repeats", type=int, default=20)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each part of a round, op by op (JAX's profiler)",
+    )
     parser.add_argument("--tag", default="", help="suffix of the results file")
     _common.add_run_flags(parser)
     args = parser.parse_args()
