@@ -47,7 +47,7 @@ from _profile import format_profiles, less, op_profile
 from _timing import spread, time_interleaved
 
 import eqx_mtp
-from eqx_mtp._decode import _rowwise
+from eqx_mtp._decode import loop_inputs, loop_rows
 
 TARGETS = {"default": 1.3, "deep": 1.8}
 
@@ -94,14 +94,14 @@ def _round_parts(
             temperature=0.0, top_k=None,
         )  # fmt: skip
 
+    rows = loop_rows(batch)
+
     def looped(decoder, piece):
         def program():
-            state = _rowwise(decoder.prefill, batch)(prompts, lengths, keys)
+            state = rows(decoder.prefill)(*loop_inputs(prompts, lengths, keys))
             if piece is None:
                 return state.count
-            state = jax.lax.fori_loop(
-                0, rounds, lambda _, s: _rowwise(piece, batch)(s), state
-            )
+            state = jax.lax.fori_loop(0, rounds, lambda _, s: rows(piece)(s), state)
             return state.count
 
         compiled = jax.jit(program).lower().compile()

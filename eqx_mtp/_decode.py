@@ -66,17 +66,18 @@ class Generation(eqx.Module):
         return self.tokens.size / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _rowwise(fn: Callable, batch: int) -> Callable:
-    """`fn` of one row over `batch` rows: `jax.vmap`, except that a single row runs
-    unbatched (its cache updates stay in-place slices, not scatters)."""
-    if batch > 1:
-        return jax.vmap(fn)
+def loop_rows(batch: int) -> Callable[[Callable], Callable]:
+    """How a function of one row's state maps over the loop's state: `jax.vmap`
+    over the rows, except that a single row's state is carried without a batch
+    axis (adding and removing one every round would make XLA copy the caches)."""
+    return (lambda fn: fn) if batch == 1 else jax.vmap
 
-    def one_row(*rows):
-        out = fn(*jax.tree.map(lambda x: x[0], rows))
-        return jax.tree.map(lambda x: x[None], out)
 
-    return one_row
+def loop_inputs(prompts, lengths, keys) -> tuple:
+    """The prompts, lengths and keys as `loop_rows` maps over them."""
+    if prompts.shape[0] == 1:
+        return prompts[0], lengths[0], keys[0]
+    return prompts, lengths, keys
 
 
 def _generate_rows(
@@ -87,31 +88,19 @@ def _generate_rows(
 ) -> tuple[Array, Array, Array]:
     """The compiled loop over a batch of rows: `(new tokens, rounds, accepted)`."""
     batch = prompts.shape[0]
-    if batch == 1:
-        # The loop carries the row's state without a batch axis: adding and
-        # removing one every round makes XLA copy the caches.
-        state = decoder.prefill(prompts[0], lengths[0], keys[0])
-        state = jax.lax.while_loop(
-            lambda state: ~decoder.finished(state),
-            lambda state: decoder.round(state),
-            state,
-        )
-        return jax.tree.map(
-            lambda x: x[None],
-            (
-                decoder.new_tokens(state),
-                state.rounds,
-                state.accepted[: decoder.num_drafts],
-            ),
-        )
-    state = jax.vmap(decoder.prefill)(prompts, lengths, keys)
+    rows = loop_rows(batch)
+    state = rows(decoder.prefill)(*loop_inputs(prompts, lengths, keys))
     state = jax.lax.while_loop(
-        lambda state: ~jnp.all(jax.vmap(decoder.finished)(state)),
-        jax.vmap(decoder.round),
+        lambda state: ~jnp.all(rows(decoder.finished)(state)),
+        lambda state: rows(decoder.round)(state),
         state,
     )
-    tokens = jax.vmap(decoder.new_tokens)(state)
-    return tokens, state.rounds, state.accepted[:, : decoder.num_drafts]
+    out = (
+        rows(decoder.new_tokens)(state),
+        state.rounds,
+        state.accepted[..., : decoder.num_drafts],
+    )
+    return out if batch > 1 else jax.tree.map(lambda x: x[None], out)
 
 
 _generate_jit = eqx.filter_jit(_generate_rows)
