@@ -106,8 +106,9 @@ def _generate_rows(
 _generate_jit = eqx.filter_jit(_generate_rows)
 _COMPILED: dict = {}
 _COMPILED_KEPT = 8
-# On a CPU, weights up to this size are compiled into the decoding program.
-CONSTANT_WEIGHTS_BYTES = 256 * 2**20
+# On a CPU, weights up to this size are compiled into the decoding program (a
+# larger model would take long to compile and be held twice).
+CONSTANT_WEIGHTS_BYTES = 64 * 2**20
 
 
 def _leaf_signature(leaf) -> Any:
@@ -260,6 +261,11 @@ def generate(
     **Returns:**
 
     A [`eqx_mtp.Generation`][]: the tokens and the decoding statistics.
+
+    The compiled loop is kept for the next call with the same shapes and options.
+    On a CPU, a model of up to 64 MiB of weights is compiled into it (XLA:CPU then
+    prepares the weights for its matrix kernels once, not in every round), so the
+    program is kept for that model object and holds it.
     """
     if not isinstance(model, MTPModel):
         raise TypeError(

@@ -164,6 +164,21 @@ def test_models_of_one_shape_each_decode_with_their_own_weights():
     )
 
 
+def test_weights_passed_as_arguments_decode_the_same(monkeypatch):
+    """A model too large to compile its weights in (the threshold set to zero here;
+    on an accelerator always) decodes with them as arguments: the same greedy
+    output. Catches a program that only works with its weights as constants."""
+    monkeypatch.setattr(eqx_mtp._decode, "CONSTANT_WEIGHTS_BYTES", 0)
+    model = _model(7, num_depths=2)
+    prompts = [[4, 1, 2], [3]]
+    expected = [naive_greedy(model, p, 5) for p in prompts]
+    for speculative in (False, True):
+        out = eqx_mtp.generate(
+            model, prompts, max_new_tokens=5, speculative=speculative
+        )
+        assert np.asarray(out.tokens).tolist() == expected, speculative
+
+
 # Right or wrong at random: rounds that keep a wrong draft before a right one.
 MIXED = np.random.default_rng(3).random(200) < 0.6
 
