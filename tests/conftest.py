@@ -62,6 +62,15 @@ LONGEST_FIRST = (
 )
 
 
+def pytest_configure(config):
+    # pytest-xdist (3.6 and later) reorders `--dist loadfile`'s files by their number
+    # of tests, most first, unless told not to: the long files of one or two tests
+    # (the benchmark smoke run, the multi-process jobs) then started last, one
+    # worker running them alone while the other had finished.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES:
