@@ -48,17 +48,21 @@ SLOW_FILES = {
 # The files that take longest, longest first (seconds on CI's 2 cores, measured with
 # `--durations`). Workers take whole files (`--dist loadfile`) in collection order, so
 # these go first and the many short files fill in at the end; in alphabetical order a
-# long file started last kept one worker busy for minutes while the other idled.
+# long file started last kept one worker busy for minutes while the other idled. The
+# benchmark smoke run is two files, its halves, so that both workers share it.
 LONGEST_FIRST = (
     "test_train.py",
-    "test_loss.py",
-    "test_sharded_loss.py",
-    "test_docs_examples.py",
     "test_preemption.py",
-    "test_benchmarks_quick.py",
+    "test_docs_examples.py",
     "test_multiprocess.py",
+    "test_benchmarks_quick_a.py",
+    "test_benchmarks_quick_b.py",
+    "test_sharded_loss.py",
+    "test_loss.py",
     "test_blockwise.py",
     "test_decode.py",
+    "test_frozen_trunk.py",
+    "test_records.py",
 )
 
 
