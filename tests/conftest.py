@@ -49,14 +49,14 @@ SLOW_FILES = {
 # `--durations`). Workers take whole files (`--dist loadfile`) in collection order, so
 # these go first and the many short files fill in at the end; in alphabetical order a
 # long file started last kept one worker busy for minutes while the other idled. The
-# benchmark smoke run is two files, its halves, so that both workers share it.
+# benchmark smoke run is two files, its halves, first: each worker starts with one.
 LONGEST_FIRST = (
+    "test_benchmarks_quick_a.py",
+    "test_benchmarks_quick_b.py",
     "test_train.py",
     "test_preemption.py",
     "test_docs_examples.py",
     "test_multiprocess.py",
-    "test_benchmarks_quick_a.py",
-    "test_benchmarks_quick_b.py",
     "test_sharded_loss.py",
     "test_loss.py",
     "test_blockwise.py",
