@@ -48,18 +48,31 @@ SLOW_FILES = {
 # The files that take longest, longest first (seconds on CI's 2 cores, measured with
 # `--durations`). Workers take whole files (`--dist loadfile`) in collection order, so
 # these go first and the many short files fill in at the end; in alphabetical order a
-# long file started last kept one worker busy for minutes while the other idled.
+# long file started last kept one worker busy for minutes while the other idled. The
+# benchmark smoke run is two files, its halves, first: each worker starts with one.
 LONGEST_FIRST = (
+    "test_benchmarks_quick_a.py",
+    "test_benchmarks_quick_b.py",
     "test_train.py",
-    "test_loss.py",
-    "test_sharded_loss.py",
-    "test_docs_examples.py",
     "test_preemption.py",
-    "test_benchmarks_quick.py",
+    "test_docs_examples.py",
     "test_multiprocess.py",
+    "test_sharded_loss.py",
+    "test_loss.py",
     "test_blockwise.py",
     "test_decode.py",
+    "test_frozen_trunk.py",
+    "test_records.py",
 )
+
+
+def pytest_configure(config):
+    # pytest-xdist (3.6 and later) reorders `--dist loadfile`'s files by their number
+    # of tests, most first, unless told not to: the long files of one or two tests
+    # (the benchmark smoke run, the multi-process jobs) then started last, one
+    # worker running them alone while the other had finished.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

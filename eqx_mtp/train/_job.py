@@ -11,10 +11,11 @@ import sys
 import time
 from typing import Any
 
+import equinox as eqx
 import jax
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .._config import ModelConfig
@@ -200,7 +201,19 @@ def _build(config, run, mesh, checkpointer, stored) -> _Job:
     )
     if not fresh:
         _restore(job)
+    if loss_mesh is None:
+        # The batches lie on the one-device mesh, and so do the step's outputs; the
+        # model and optimizer state start there too, so that the first step runs
+        # the program of every later step instead of compiling one of its own.
+        job.model, job.opt_state = _on_one_device_mesh((job.model, job.opt_state), mesh)
     return job
+
+
+def _on_one_device_mesh(tree, mesh: Mesh):
+    """`tree`'s arrays placed, whole, on the one device of `mesh`."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    placed = jax.device_put(arrays, NamedSharding(mesh, PartitionSpec()))
+    return eqx.combine(placed, static)
 
 
 def _check_resumable(checkpointer: Checkpointer, stored: dict) -> None:
