@@ -168,10 +168,9 @@ class Decoder(eqx.Module):
             # The depths' states over the whole prompt; the last positions' are
             # provisional and rewritten by the first rounds' windows.
             _, depth_cache = self._run_depths(
-                h0,
+                hidden,
                 tokens,
-                jnp.int32(0),
-                width,
+                positions,
                 prompt_length - 1,
                 self._empty_cache(self.num_drafts),
                 draft_key,
@@ -190,22 +189,20 @@ class Decoder(eqx.Module):
 
     def _run_depths(
         self,
-        h0: Float[Array, "length dim"],
+        source: Float[Array, "window dim"],
         tokens: Int[Array, " length"],
-        start: Int[Array, ""],
-        window: int,
+        positions: Int[Array, " window"],
         query: Int[Array, ""],
         cache: KVCache | None,
         key: PRNGKeyArray,
     ) -> tuple[Drafts, KVCache | None]:
-        """Every depth over `window` positions from `start`, drafting at position
-        `query`: depth `k` reads `tokens[j + k]` at position `j` (sequential); its
-        draft, for position `query + k + 1`, is written into the tokens it hands the
-        next depth."""
+        """Every depth over the consecutive `positions`, whose trunk states `h⁰` are
+        `source`, drafting at position `query` (one of them): depth `k` reads
+        `tokens[j + k]` at position `j` (sequential); its draft, for position
+        `query + k + 1`, is written into the tokens it hands the next depth."""
         model = self.model
         depths, trunk = model.depths, model.trunk
-        positions = start + jnp.arange(window, dtype=jnp.int32)
-        source = jax.lax.dynamic_slice_in_dim(h0, start, window)
+        start = positions[0]
         dynamic, static = eqx.partition(depths.depths, eqx.is_array)
         sequential = depths.kind == "sequential"
         last = tokens.shape[0] - 1
@@ -258,10 +255,9 @@ class Decoder(eqx.Module):
         window = 2 * self.num_drafts if state.depth_cache is not None else 1
         start = jnp.maximum(count - 1 - window, 0)
         drafts, depth_cache = self._run_depths(
-            state.hidden,
+            jax.lax.dynamic_slice_in_dim(state.hidden, start, window),
             state.tokens,
-            start,
-            window,
+            start + jnp.arange(window, dtype=jnp.int32),
             count - 2,
             state.depth_cache,
             draft_key,
