@@ -51,9 +51,10 @@ def op_profile(program: Callable[[], object], calls: int, per: int) -> dict:
     )
 
 
-def less(profile: dict, baseline: dict) -> dict:
+def less(profile: dict, baseline: dict, kept: int = 12) -> dict:
     """`profile` with `baseline`'s time and counts taken off, kind by kind (e.g. a
-    loop's program less its set-up alone)."""
+    loop's program less its set-up alone); the totals over every kind, the `kept`
+    most expensive kinds listed."""
     base = {kind: (us, count) for kind, us, count in baseline["kinds"]}
     kinds = [
         (kind, us - base.get(kind, (0, 0))[0], count - base.get(kind, (0, 0))[1])
@@ -63,7 +64,7 @@ def less(profile: dict, baseline: dict) -> dict:
     return dict(
         total_us=sum(us for _, us, _ in kinds),
         ops=sum(count for _, _, count in kinds),
-        kinds=kinds,
+        kinds=kinds[:kept],
     )
 
 
