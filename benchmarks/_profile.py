@@ -44,10 +44,16 @@ def op_profile(program: Callable[[], object], calls: int, per: int) -> dict:
         (kind, ns * scale, counts[kind] / (calls * per))
         for kind, ns in nanoseconds.most_common()
     ]
+    return _summary(kinds, len(kinds))
+
+
+def _summary(kinds: list, kept: int) -> dict:
+    """The profile of `kinds` (most expensive first): totals over all of them, the
+    first `kept` listed."""
     return dict(
         total_us=sum(us for _, us, _ in kinds),
         ops=sum(count for _, _, count in kinds),
-        kinds=kinds,
+        kinds=kinds[:kept],
     )
 
 
@@ -61,11 +67,7 @@ def less(profile: dict, baseline: dict, kept: int = 12) -> dict:
         for kind, us, count in profile["kinds"]
     ]
     kinds.sort(key=lambda kind: -kind[1])
-    return dict(
-        total_us=sum(us for _, us, _ in kinds),
-        ops=sum(count for _, _, count in kinds),
-        kinds=kinds[:kept],
-    )
+    return _summary(kinds, kept)
 
 
 def format_profiles(profiles: dict[str, dict], top: int = 8) -> str:

@@ -125,7 +125,7 @@ class Decoder(eqx.Module):
     def cache_length(prompt_width: int, max_new_tokens: int, num_drafts: int) -> int:
         """Positions a row needs: prompt, new tokens, and a last round's drafts and
         depth window past them."""
-        return max(prompt_width + max_new_tokens + 2 * num_drafts + 2, 2 * num_drafts)
+        return prompt_width + max_new_tokens + 2 * num_drafts + 2
 
     @property
     def _depths_attend(self) -> bool:
