@@ -10,7 +10,7 @@ import importlib.metadata
 
 from . import interop as interop, nn as nn
 from ._batch import PackedBatch as PackedBatch
-from ._config import ModelConfig as ModelConfig
+from ._config import ModelConfig as ModelConfig, RopeScaling as RopeScaling
 from ._cross_entropy import head_loss_sum as head_loss_sum
 from ._decode import Generation as Generation, generate as generate
 from ._decoder import (

@@ -293,6 +293,8 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
     differences = []
     for part in ("model", "train"):
         a, b = saved.get(part) or {}, current.get(part) or {}
+        if part == "model":
+            a, b = _normalised_model(a), _normalised_model(b)
         for name in sorted(set(a) | set(b)):
             if name in RESUMABLE_FIELDS or (part == "train" and name in _MODEL_FIELDS):
                 continue
@@ -303,3 +305,13 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
                     f"{label} (saved {a.get(name)!r}, now {b.get(name)!r})"
                 )
     return differences
+
+
+def _normalised_model(values: dict[str, Any]) -> dict[str, Any]:
+    """A stored model config as `ModelConfig.to_dict` writes it today: a field added
+    since it was saved takes its default (which the saved model had), tuples read
+    back from JSON lists are tuples again."""
+    try:
+        return ModelConfig.from_dict(values).to_dict()
+    except (TypeError, ValueError):
+        return values
