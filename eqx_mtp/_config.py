@@ -362,6 +362,9 @@ class ModelConfig:
         scaling = values.get("rope_scaling")
         if isinstance(scaling, dict):
             values = values | dict(rope_scaling=RopeScaling.from_dict(scaling))
+        for name in ("no_rope_layers", "full_attention_layers"):
+            if isinstance(values.get(name), list):  # read back from JSON
+                values = values | {name: tuple(values[name])}
         return cls(**values)
 
 

@@ -181,8 +181,9 @@ UNSUPPORTED = [
     ("num_local_experts", 8),
     ("n_routed_experts", 256),
     ("hidden_act", "gelu"),
-    ("head_dim", 8),
     ("partial_rotary_factor", 0.5),
+    ("rope_scaling", {"rope_type": "dynamic", "factor": 2.0}),
+    ("quantization_config", {"quant_method": "gptq", "bits": 4}),
 ]
 
 

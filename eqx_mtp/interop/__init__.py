@@ -1,13 +1,19 @@
-"""Other projects' checkpoint formats: Hugging Face Llama-family safetensors in and
-out, MaxText's MTP parameters and loss mask."""
+"""Other projects' checkpoint formats: Hugging Face safetensors checkpoints of the
+dense families in use today (Llama, Mistral, Qwen2/3, Phi-3, OLMo-2, SmolLM3, MiMo)
+in and out, with MTP depths under DeepSeek-V3's or MiMo's names; MaxText's MTP
+parameters and loss mask."""
 
-from .._llama_weights import (
+from .._hf_checkpoint import (
+    load_hf_checkpoint as load_hf_checkpoint,
+    load_llama as load_llama,
+    model_tensors as model_tensors,
+    save_hf_checkpoint as save_hf_checkpoint,
+    save_llama as save_llama,
+)
+from .._hf_config import (
     WeightsError as WeightsError,
     hf_config as hf_config,
-    load_llama as load_llama,
     model_config_from_hf as model_config_from_hf,
-    model_tensors as model_tensors,
-    save_llama as save_llama,
 )
 from .._maxtext import (
     load_maxtext_mtp as load_maxtext_mtp,

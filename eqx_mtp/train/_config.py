@@ -12,7 +12,7 @@ import typing
 from typing import Any
 
 from .._config import ModelConfig
-from .._llama_weights import CONFIG_FILE, model_config_from_hf
+from .._hf_checkpoint import CONFIG_FILE, model_config_from_hf
 from .._schedule import parse_mtp_weight
 from ._data import BYTE_VOCAB_SIZE
 
@@ -200,7 +200,7 @@ class TrainConfig:
         `config.json` gives (the trunk's shape and vocabulary), with this job's depths
         and step options.
     - `init_from`: a Hugging Face Llama-family checkpoint directory to start from (see
-        [`eqx_mtp.interop.load_llama`][]); the documents are then token ids (a
+        [`eqx_mtp.interop.load_hf_checkpoint`][]); the documents are then token ids (a
         `.jsonl` with a `tokens` field).
     - `objective`: an `eqx_mtp.train.ObjectiveConfig`.
     - `optimizer`: an `eqx_mtp.train.OptimizerConfig`.
@@ -323,9 +323,9 @@ def _model_config(
     """The model: the byte-level default with `given` fields, or `init_from`'s."""
     if init_from is not None:
         return _pretrained_config(given, init_from)
-    values = DEFAULT_MODEL.to_dict() | dict(max_seq_len=seq_len) | given
+    values = DEFAULT_MODEL.to_dict() | dict(max_seq_len=seq_len, head_dim=None) | given
     try:
-        return ModelConfig(**values)
+        return ModelConfig.from_dict(values)
     except ValueError as error:
         raise _model_error(error) from None
 

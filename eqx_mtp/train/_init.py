@@ -7,7 +7,7 @@ import jax
 from jax.sharding import Mesh
 
 from .._config import ModelConfig
-from .._llama_weights import WeightsError, load_llama
+from .._hf_checkpoint import WeightsError, load_hf_checkpoint
 from .._model import MTPModel
 from .._sharding import named_shardings
 from ._config import UserError
@@ -22,7 +22,7 @@ def init_model(
     if init_from is not None:
         overrides = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}
         try:
-            model = load_llama(init_from, key=jax.random.key(seed), **overrides)
+            model = load_hf_checkpoint(init_from, key=jax.random.key(seed), **overrides)
         except WeightsError as error:
             raise UserError(f"--init-from {init_from}: {error}") from None
         if mesh is None:

@@ -1,0 +1,485 @@
+"""Hugging Face `config.json` to and from [`eqx_mtp.ModelConfig`][], for every family
+in `FAMILIES`, in both layouts transformers writes: 4.x (top-level `rope_theta` and
+`rope_scaling`) and 5.x (`rope_parameters`). Keys are read by allow-list: a key that
+may change the computation is interpreted or refused by name."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._config import ModelConfig, RopeScaling
+from ._hf_families import (
+    BY_MODEL_TYPE,
+    FAMILIES,
+    METADATA_KEYS,
+    REFUSED_MODEL_TYPES,
+    REQUIRED_VALUES,
+    SIZE_KEYS,
+    Family,
+)
+
+# Our options that Hugging Face's config has no field for, kept in config.json under
+# this key so that a saved model loads back as it was.
+OUR_SECTION = "eqx_mtp"
+OUR_FIELDS = (
+    "mtp_kind",
+    "mtp_block",
+    "shared_depth_layer",
+    "depth_final_norm",
+    "depth_trunk_input",
+    "depth_previous_input",
+)
+_ACTIVATIONS = ("silu", "swish")
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    },
+    "yarn": {
+        "factor",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "original_max_position_embeddings",
+        "truncate",
+    },
+}
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded into, or a model that cannot be saved as, a
+    Hugging Face layout; the message names the field or tensor."""
+
+
+def family_of(hf: dict) -> Family:
+    """The family of a `config.json`, by its `model_type`; an unknown or refused one
+    is a `WeightsError` that names it."""
+    model_type = hf.get("model_type")
+    if model_type in REFUSED_MODEL_TYPES:
+        why = REFUSED_MODEL_TYPES[model_type]
+        raise WeightsError(
+            f"config.json: model_type={model_type!r}: {why} is not supported by the "
+            "eqx_mtp trunk; refusing to load it"
+        )
+    if model_type not in BY_MODEL_TYPE:
+        known = ", ".join(sorted(BY_MODEL_TYPE))
+        raise WeightsError(
+            f"config.json: model_type={model_type!r} is not a family eqx_mtp reads "
+            f"(it reads {known})"
+        )
+    return BY_MODEL_TYPE[model_type]
+
+
+class _Reader:
+    """A `config.json` and its family: `get` reads a key as the family's
+    configuration class would, its default where the file leaves it out."""
+
+    def __init__(self, hf: dict, family: Family):
+        self.hf = hf
+        self.family = family
+
+    def get(self, key: str) -> Any:
+        if key in self.hf:
+            return self.hf[key]
+        return self.family.defaults.get(key)
+
+    def require(self, key: str) -> Any:
+        if self.hf.get(key) is None:
+            raise WeightsError(f"config.json has no {key!r} field")
+        return self.hf[key]
+
+    def refuse(self, key: str, why: str):
+        raise WeightsError(
+            f"config.json ({self.family.name}): {key}={self.hf.get(key)!r} {why}; "
+            "refusing to load it"
+        )
+
+
+def _check_keys(reader: _Reader) -> None:
+    family = reader.family
+    for key, value in reader.hf.items():
+        if key in REQUIRED_VALUES and (key in family.keys or key not in SIZE_KEYS):
+            if value not in (REQUIRED_VALUES[key], None):
+                reader.refuse(key, "is not supported by the eqx_mtp trunk")
+            continue
+        if key in METADATA_KEYS or key in SIZE_KEYS or key in family.keys:
+            continue
+        if key == OUR_SECTION:
+            continue
+        reader.refuse(
+            key,
+            f"is not a key eqx_mtp understands for the {family.name} family, and it "
+            "may change the computation",
+        )
+    if reader.get("hidden_act") not in _ACTIVATIONS:
+        reader.refuse("hidden_act", "is not supported (the trunk's MLP is SwiGLU/SiLU)")
+    ours = reader.hf.get(OUR_SECTION, {})
+    unknown = sorted(set(ours) - set(OUR_FIELDS))
+    if unknown:
+        raise WeightsError(
+            f"config.json: unknown fields in {OUR_SECTION!r}: {', '.join(unknown)}"
+        )
+
+
+def _sizes(reader: _Reader) -> dict:
+    num_heads = reader.require("num_attention_heads")
+    dim = reader.require("hidden_size")
+    values = dict(
+        vocab_size=reader.require("vocab_size"),
+        dim=dim,
+        num_layers=reader.require("num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=reader.get("num_key_value_heads") or num_heads,
+        mlp_dim=reader.require("intermediate_size"),
+        head_dim=reader.get("head_dim") or dim // num_heads,
+        norm_eps=reader.get("rms_norm_eps"),
+        tie_embeddings=bool(reader.get("tie_word_embeddings")),
+    )
+    if reader.get("max_position_embeddings") is not None:
+        values["max_seq_len"] = reader.get("max_position_embeddings")
+    return values
+
+
+def _rope_parameters(reader: _Reader) -> dict:
+    """The one RoPE dict transformers 5 builds from either layout: `rope_scaling`
+    first, else `rope_parameters`, with `rope_theta` and `partial_rotary_factor`
+    from the top level where the dict lacks them."""
+    scaling = reader.hf.get("rope_scaling")
+    parameters = reader.hf.get("rope_parameters")
+    if scaling and parameters:
+        shared = set(scaling) & set(parameters)
+        if any(scaling[key] != parameters[key] for key in shared):
+            reader.refuse(
+                "rope_scaling",
+                f"disagrees with rope_parameters={parameters!r} (transformers 4 and 5 "
+                "would read different models)",
+            )
+    chosen = dict(scaling or parameters or {})
+    if any(isinstance(value, dict) for value in chosen.values()):
+        reader.refuse("rope_parameters", "holds one RoPE per layer type")
+    chosen.setdefault("rope_theta", reader.get("rope_theta"))
+    if reader.hf.get("partial_rotary_factor") is not None:
+        chosen.setdefault("partial_rotary_factor", reader.hf["partial_rotary_factor"])
+    return chosen
+
+
+def _rope(reader: _Reader, max_seq_len: int | None) -> dict:
+    rope = _rope_parameters(reader)
+    key = "rope_scaling" if reader.hf.get("rope_scaling") else "rope_parameters"
+    theta = rope.pop("rope_theta")
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        reader.refuse(key, "rotates part of each head (partial_rotary_factor ≠ 1)")
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    if reader.family.name == "phi3" and kind in ("su", "yarn"):
+        kind = "longrope"  # transformers' Phi-3 reads both as LongRoPE
+    if kind not in _ROPE_KEYS:
+        reader.refuse(key, f"has rope_type={kind!r}, which eqx_mtp does not compute")
+    unknown = sorted(set(rope) - _ROPE_KEYS[kind])
+    if unknown:
+        reader.refuse(key, f"has keys {unknown} that rope_type={kind!r} does not read")
+    if kind == "default":
+        return dict(rope_theta=theta, rope_scaling=None)
+    original = reader.hf.get(
+        "original_max_position_embeddings",
+        rope.get("original_max_position_embeddings", max_seq_len),
+    )
+    try:
+        scaling = _scaling(kind, rope, original, max_seq_len)
+    except (KeyError, TypeError, ValueError) as error:
+        reader.refuse(key, f"is not a valid {kind!r} RoPE scaling ({error})")
+    return dict(rope_theta=theta, rope_scaling=scaling)
+
+
+def _scaling(kind: str, rope: dict, original, max_seq_len) -> RopeScaling:
+    if kind == "linear":
+        return RopeScaling("linear", float(rope["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            float(rope["factor"]),
+            original_max_position=original,
+            low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+        )
+    factor = rope.get("factor")
+    if factor is None:
+        factor = max_seq_len / original
+    attention = rope.get("attention_factor")
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim:
+        attention = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return RopeScaling(
+        "yarn",
+        float(factor),
+        original_max_position=original,
+        beta_fast=float(rope.get("beta_fast") or 32),
+        beta_slow=float(rope.get("beta_slow") or 1),
+        attention_factor=None if attention is None else float(attention),
+        truncate=bool(rope.get("truncate", True)),
+    )
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _windowed_layers(reader: _Reader, num_layers: int, no_rope: tuple) -> tuple:
+    """Which layers attend within `sliding_window`, as each family's config class
+    decides, and that window."""
+    family = reader.family.name
+    window = reader.get("sliding_window")
+    if family in ("mistral", "phi3"):
+        return (window, tuple(range(num_layers)) if window else ())
+    if family == "llama" or family == "olmo2":
+        return None, ()
+    if not reader.get("use_sliding_window"):
+        window = None
+    types = reader.hf.get("layer_types")
+    if types is None:
+        if family == "smollm3":
+            types = [
+                "sliding_attention" if window and i in no_rope else "full_attention"
+                for i in range(num_layers)
+            ]
+        else:
+            first = reader.get("max_window_layers")
+            types = [
+                "sliding_attention" if window and i >= first else "full_attention"
+                for i in range(num_layers)
+            ]
+    if len(types) != num_layers or any(kind not in _LAYER_TYPES for kind in types):
+        reader.refuse(
+            "layer_types", f"must list {num_layers} of {', '.join(_LAYER_TYPES)}"
+        )
+    if window is None:
+        return None, ()
+    return window, tuple(i for i, kind in enumerate(types) if kind != "full_attention")
+
+
+def _no_rope_layers(reader: _Reader, num_layers: int) -> tuple:
+    if reader.family.name != "smollm3":
+        return ()
+    flags = reader.get("no_rope_layers")
+    if flags is None:
+        interval = reader.get("no_rope_layer_interval")
+        flags = [int((i + 1) % interval != 0) for i in range(num_layers)]
+    if len(flags) != num_layers or any(flag not in (0, 1) for flag in flags):
+        reader.refuse("no_rope_layers", f"must list {num_layers} flags of 0 or 1")
+    # SmolLM3's flag is 1 where the layer *uses* RoPE.
+    return tuple(i for i, flag in enumerate(flags) if not flag)
+
+
+def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """The [`eqx_mtp.ModelConfig`][] of a Hugging Face `config.json`.
+
+    The family comes from `model_type` (Llama, SmolLM2: `"llama"`; `"mistral"`,
+    `"qwen2"`, `"qwen3"`, `"phi3"`, `"olmo2"`, `"smollm3"`, `"mimo"`); both layouts
+    of the RoPE settings are read, as transformers 5 reads them. Every key is either
+    understood or refused: a key the family's transformers class reads that changes
+    the computation in a way the trunk cannot follow (an attention or MLP bias
+    beyond Qwen2's, a RoPE type other than default / linear / llama3 / yarn,
+    partial rotation, an activation other than SiLU), a key the family does not
+    read, and a refused family (Gemma, mixtures of experts) each raise a
+    `WeightsError` that names it.
+
+    **Arguments:**
+
+    - `hf`: the parsed `config.json`.
+    - `overrides`: any [`eqx_mtp.ModelConfig`][] field, e.g. `num_depths`, `remat`.
+        `num_depths` defaults to the file's `num_nextn_predict_layers`, else 0.
+    """
+    if not isinstance(hf, dict):
+        raise TypeError(f"hf must be a dict (a parsed config.json), got {type(hf)}")
+    reader = _Reader(hf, family_of(hf))
+    _check_keys(reader)
+    values = _sizes(reader)
+    num_layers = values["num_layers"]
+    values |= _rope(reader, values.get("max_seq_len"))
+    no_rope = _no_rope_layers(reader, num_layers)
+    window, windowed = _windowed_layers(reader, num_layers, no_rope)
+    values |= dict(
+        no_rope_layers=no_rope,
+        sliding_window=window,
+        full_attention_layers=tuple(
+            i for i in range(num_layers) if window and i not in windowed
+        ),
+        num_depths=hf.get("num_nextn_predict_layers") or 0,
+    )
+    values |= dict(reader.family.implies)
+    values |= hf.get(OUR_SECTION, {})
+    values |= overrides
+    try:
+        return ModelConfig(**values)
+    except (TypeError, ValueError) as error:
+        raise WeightsError(f"model_config_from_hf: {error}") from None
+
+
+def infer_family(config: ModelConfig) -> str:
+    """The plainest family whose transformers class computes `config`'s trunk."""
+    if config.norm_position == "post" or config.qk_norm == "projection":
+        return "olmo2"
+    if config.qk_norm == "per_head":
+        return "qwen3"
+    if config.qkv_bias:
+        return "qwen2"
+    if config.no_rope_layers:
+        return "smollm3"
+    if config.sliding_window is not None:
+        return "mistral" if not config.full_attention_layers else "qwen2"
+    return "llama"
+
+
+def _check_representable(config: ModelConfig, family: Family) -> None:
+    """Refuse, by option and family, a trunk the family's class would compute
+    differently."""
+    name = family.name
+    wants = dict(
+        qkv_bias=name in ("qwen2", "mimo"),
+        qk_norm={"qwen3": "per_head", "olmo2": "projection"}.get(name, "none"),
+        norm_position="post" if name == "olmo2" else "pre",
+    )
+    for field, value in wants.items():
+        if getattr(config, field) != value:
+            raise WeightsError(
+                f"family={name!r} cannot hold a trunk with {field}="
+                f"{getattr(config, field)!r} (it has {field}={value!r}); pick the "
+                "family that has it"
+            )
+    if config.no_rope_layers and name != "smollm3":
+        raise WeightsError(f"family={name!r} cannot hold no_rope_layers")
+    if config.sliding_window is not None:
+        windowed = [i for i in range(config.num_layers) if config.window(i)]
+        if name in ("llama", "olmo2"):
+            raise WeightsError(f"family={name!r} cannot hold a sliding_window")
+        if name in ("mistral", "phi3") and config.full_attention_layers:
+            raise WeightsError(
+                f"family={name!r} windows every layer; full_attention_layers="
+                f"{config.full_attention_layers} needs qwen2 or qwen3"
+            )
+        if name in ("qwen2", "qwen3", "mimo") and windowed != list(
+            range(config.num_layers - len(windowed), config.num_layers)
+        ):
+            raise WeightsError(
+                f"family={name!r} windows the layers from max_window_layers on; "
+                f"full_attention_layers={config.full_attention_layers} is not a prefix"
+            )
+        if name == "smollm3" and set(windowed) != set(config.no_rope_layers):
+            raise WeightsError("family='smollm3' windows exactly its no-RoPE layers")
+    if name == "phi3" and config.rope_scaling is not None:
+        raise WeightsError(
+            "family='phi3' reads a RoPE scaling as LongRoPE; save this trunk as llama"
+        )
+    if name in ("phi3", "olmo2") and config.head_dim * config.num_heads != config.dim:
+        raise WeightsError(
+            f"family={name!r} has no head_dim field: head_dim must be dim / num_heads"
+        )
+
+
+def _rope_dict(config: ModelConfig) -> dict | None:
+    scaling = config.rope_scaling
+    if scaling is None:
+        return None
+    rope: dict[str, Any] = {"rope_type": scaling.kind, "factor": scaling.factor}
+    if scaling.kind == "llama3":
+        rope |= dict(
+            low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+        )
+    if scaling.kind == "yarn":
+        rope |= dict(beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow)
+        if scaling.attention_factor is not None:
+            rope["attention_factor"] = scaling.attention_factor
+        if not scaling.truncate:
+            rope["truncate"] = False
+    if scaling.kind != "linear":
+        rope["original_max_position_embeddings"] = scaling.original_max_position
+    return rope
+
+
+def _family_keys(config: ModelConfig, family: Family) -> dict:
+    name = family.name
+    if name in ("llama", "olmo2", "qwen3", "smollm3"):
+        keys: dict[str, Any] = dict(attention_bias=False)
+    else:
+        keys = {}
+    if name in ("llama", "smollm3"):
+        keys["mlp_bias"] = False
+    if name in ("mistral", "phi3"):
+        keys["sliding_window"] = config.sliding_window
+    if name in ("qwen2", "qwen3", "mimo", "smollm3"):
+        window = config.sliding_window
+        keys |= dict(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            layer_types=[
+                "sliding_attention" if config.window(i) else "full_attention"
+                for i in range(config.num_layers)
+            ],
+        )
+        if name != "smollm3":
+            full = len(config.full_attention_layers) if window else config.num_layers
+            keys["max_window_layers"] = full
+    if name == "smollm3":
+        keys["no_rope_layers"] = [
+            int(config.uses_rope(i)) for i in range(config.num_layers)
+        ]
+    return keys
+
+
+def hf_config(config: ModelConfig, *, family: str | None = None) -> dict:
+    """The `config.json` of `config` as a checkpoint of `family`'s transformers class.
+
+    RoPE settings are written in both layouts (top-level `rope_theta` and
+    `rope_scaling` for transformers 4, `rope_parameters` for 5), the number of MTP
+    depths as `num_nextn_predict_layers`, and our depth options under `"eqx_mtp"`.
+
+    **Arguments:**
+
+    - `config`: the [`eqx_mtp.ModelConfig`][].
+    - `family`: one of `"llama"`, `"mistral"`, `"qwen2"`, `"qwen3"`, `"phi3"`,
+        `"olmo2"`, `"smollm3"`, `"mimo"`; `None`: the plainest that holds the trunk.
+        A trunk the family computes differently is a `WeightsError` naming the
+        option.
+    """
+    name = infer_family(config) if family is None else family
+    if name not in FAMILIES:
+        raise ValueError(
+            f"family must be one of {', '.join(map(repr, FAMILIES))} or None, "
+            f"got {family!r}"
+        )
+    chosen = FAMILIES[name]
+    _check_representable(config, chosen)
+    rope = _rope_dict(config)
+    return {
+        "architectures": [chosen.architecture],
+        "model_type": chosen.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.mlp_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope,
+        "rope_parameters": {"rope_type": "default"}
+        | (rope or {})
+        | {"rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        **_family_keys(config, chosen),
+        "num_nextn_predict_layers": config.num_depths,
+        OUR_SECTION: {field: getattr(config, field) for field in OUR_FIELDS},
+    }
