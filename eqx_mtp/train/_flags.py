@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any
 
-from .._config import ATTENTION_IMPLS, COMPUTE_DTYPES, ModelConfig
+from .._config import ATTENTION_IMPLS, COMPUTE_DTYPES, ModelConfig, RopeScaling
 from ._config import (
     DEFAULT_MODEL,
     FIELD_PLACES,
@@ -172,6 +172,16 @@ def _type_error(name: str, value: Any, kind: Any) -> str | None:
     elif kind is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         what = "a number"
+    elif typing.get_origin(kind) is tuple:
+        ok = isinstance(value, list | tuple) and all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value
+        )
+        what = "a list of integers"
+    elif kind is RopeScaling:
+        ok, what = (
+            isinstance(value, dict | RopeScaling),
+            "a table of RoPE scaling fields",
+        )
     else:
         ok, what = isinstance(value, str), "a string"
     return None if ok else f"must be {what}, got {value!r}"
