@@ -207,6 +207,9 @@ class Decoder(eqx.Module):
         sequential = depths.kind == "sequential"
         last = tokens.shape[0] - 1
 
+        if depths.trunk_input == "after_norm":
+            source = trunk.final_norm(source)
+
         def body(carry, xs):
             previous, tokens, cache = carry
             params, k, depth_key = xs
@@ -232,7 +235,8 @@ class Decoder(eqx.Module):
             )
             token, probabilities = pick(logits, depth_key, self.temperature, self.top_k)
             tokens = tokens.at[jnp.minimum(query + k + 1, last)].set(token)
-            return (h_k, tokens, cache), (token, probabilities)
+            passed_on = norm(h_k) if depths.previous_input == "after_norm" else h_k
+            return (passed_on, tokens, cache), (token, probabilities)
 
         numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
         keys = jax.random.split(key, depths.num_depths)

@@ -157,6 +157,13 @@ class MTPDepths(eqx.Module):
     - `shared_layer`: one layer, built once, reused at every depth.
     - `depth_final_norm`: give each depth its own final norm.
     - `norm_eps`: epsilon of the depth norms.
+    - `trunk_input`: what depth 1 (every depth, parallel) reads of the trunk's last
+        hidden state: `"before_norm"` (MaxText) or `"after_norm"` (the trunk's final
+        norm applied: Hugging Face's DeepSeek-V3 MTP module, Megatron-Core, vLLM,
+        SGLang).
+    - `previous_input`: what depth `k > 1` reads of depth `k - 1`'s output:
+        `"before_norm"` (MaxText, vLLM's DeepSeek drafter) or `"after_norm"` (the
+        norm before its logits applied: Hugging Face, Megatron-Core, SGLang, MiMo).
     - `remat`: rematerialisation policy of the depth scan: each depth is recomputed
         in the backward pass as the policy says; its readout (the loss) never is.
     - `key`: PRNG key.
@@ -180,6 +187,8 @@ class MTPDepths(eqx.Module):
     num_depths: int = eqx.field(static=True)
     kind: MTPKind = eqx.field(static=True)
     remat_policy: RematPolicy = eqx.field(static=True)
+    trunk_input: str = eqx.field(static=True)
+    previous_input: str = eqx.field(static=True)
 
     def __init__(
         self,
@@ -191,9 +200,20 @@ class MTPDepths(eqx.Module):
         shared_layer: bool = False,
         depth_final_norm: bool = False,
         norm_eps: float = 1e-6,
+        trunk_input: str = "before_norm",
+        previous_input: str = "before_norm",
         remat: RematPolicy = "none",
         key: PRNGKeyArray,
     ):
+        for name, value in (
+            ("trunk_input", trunk_input),
+            ("previous_input", previous_input),
+        ):
+            if value not in ("before_norm", "after_norm"):
+                raise ValueError(
+                    f"MTPDepths: {name} must be 'before_norm' or 'after_norm', "
+                    f"got {value!r}"
+                )
         if not isinstance(num_depths, int) or num_depths < 1:
             raise ValueError(f"MTPDepths: num_depths must be >= 1, got {num_depths!r}")
         if kind not in ("sequential", "parallel"):
@@ -217,6 +237,8 @@ class MTPDepths(eqx.Module):
         self.num_depths = num_depths
         self.kind = kind
         self.remat_policy = remat
+        self.trunk_input = trunk_input
+        self.previous_input = previous_input
 
     def depth(self, index: int) -> MTPDepth:
         """Depth `index + 1` as an ordinary (unstacked) module; its `layer` is the

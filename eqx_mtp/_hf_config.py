@@ -175,8 +175,13 @@ def _rope(reader: _Reader, max_seq_len: int | None) -> dict:
     rope = _rope_parameters(reader)
     key = "rope_scaling" if reader.hf.get("rope_scaling") else "rope_parameters"
     theta = rope.pop("rope_theta")
-    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
-        reader.refuse(key, "rotates part of each head (partial_rotary_factor ≠ 1)")
+    partial = rope.pop("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        raise WeightsError(
+            f"config.json ({reader.family.name}): partial_rotary_factor={partial!r} "
+            "rotates part of each head, which the eqx_mtp trunk does not; refusing "
+            "to load it"
+        )
     kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
     rope.pop("type", None)
     if reader.family.name == "phi3" and kind in ("su", "yarn"):

@@ -36,6 +36,8 @@ def build_depths(config: ModelConfig, *, key: PRNGKeyArray) -> MTPDepths | None:
         shared_layer=config.shared_depth_layer,
         depth_final_norm=config.depth_final_norm,
         norm_eps=config.norm_eps,
+        trunk_input=config.depth_trunk_input,
+        previous_input=config.depth_previous_input,
         remat=config.remat,
         key=key,
     )

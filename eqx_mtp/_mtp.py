@@ -159,12 +159,16 @@ def run_depth_scan(depths, hidden, batch, head, readout, key=None, readout_init=
     shared_layer = in_compute_dtype(depths.shared_layer, dtype)
     sequential = depths.kind == "sequential"
     num_rows = hidden.shape[0]
+    trunk_state = hidden
+    if depths.trunk_input == "after_norm":
+        trunk_state = head.final_norm(hidden).astype(dtype)
+    carry_normed = depths.previous_input == "after_norm"
 
     def advance(previous, xs):
         """`h^k` and its final-normed copy."""
         depth_params, k, depth_key = xs
         depth = eqx.combine(depth_params, static)
-        source = previous if sequential else hidden
+        source = previous if sequential else trunk_state
         if sequential:
             ahead = batch.shifted(batch.tokens, -k)
             next_embeddings = head.lookup(ahead).astype(dtype)
@@ -199,15 +203,16 @@ def run_depth_scan(depths, hidden, batch, head, readout, key=None, readout_init=
     def body(carry, xs):
         previous, readout_carry = carry
         h_k, normed = advance_step(previous, xs)
+        passed_on = normed if carry_normed else h_k
         if readout_init is None:
-            return (h_k, None), readout(xs[1], normed)
+            return (passed_on, None), readout(xs[1], normed)
         readout_carry, output = readout(xs[1], normed, readout_carry)
-        return (h_k, readout_carry), output
+        return (passed_on, readout_carry), output
 
     depth_numbers = jnp.arange(1, depths.num_depths + 1, dtype=jnp.int32)
     depth_keys = None if key is None else jax.random.split(key, depths.num_depths)
     (_, readout_carry), outputs = jax.lax.scan(
-        body, (hidden, readout_init), (dynamic, depth_numbers, depth_keys)
+        body, (trunk_state, readout_init), (dynamic, depth_numbers, depth_keys)
     )
     return outputs if readout_init is None else (readout_carry, outputs)
 

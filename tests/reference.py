@@ -160,7 +160,8 @@ def loop_depth_loss_sums(
     a Python loop over the unstacked `depths.depth(j)` for one row, `jax.vmap`ped
     over rows.
 
-    `final_norm` acts on one row `[seq, dim]`. Sequential depth `k` reads the
+    `final_norm` acts on one row `[seq, dim]`; the depths' `trunk_input` and
+    `previous_input` say which states they read. Sequential depth `k` reads the
     embedding of `t[i+k]`, or of `fill` where that token is outside the row or in
     another segment.
     """
@@ -176,6 +177,11 @@ def loop_depth_loss_sums(
 
     def one_row(h0, ahead_row, targets_row, valid_row, positions_row, segments_row):
         sums = []
+        # What depth 1 (every depth, parallel) reads: the trunk state before or
+        # after the final norm; what depth k > 1 reads: h^{k-1} before or after the
+        # norm its logits use.
+        if depths.trunk_input == "after_norm":
+            h0 = final_norm(h0)
         previous = h0
         for k in depth_numbers:
             depth = unstacked[k - 1]
@@ -197,7 +203,7 @@ def loop_depth_loss_sums(
                     norm(h_k), unembedding, targets_row[k - 1], valid_row[k - 1]
                 )
             )
-            previous = h_k
+            previous = norm(h_k) if depths.previous_input == "after_norm" else h_k
         return jnp.stack(sums)
 
     row_sums = jax.vmap(one_row)(

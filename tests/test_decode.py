@@ -284,6 +284,8 @@ def _loop_drafts(model, tokens, query):
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     segments = jnp.ones_like(tokens)
     h = _full_hidden(model, tokens)
+    if config.depth_trunk_input == "after_norm":
+        h = model.trunk.final_norm(h)
     trunk_hidden, drafts = h, []
     for k in range(1, config.num_depths + 1):
         depth = unstack_module(model.depths.depths, k - 1)
@@ -300,6 +302,8 @@ def _loop_drafts(model, tokens, query):
         norm = model.trunk.final_norm if depth.norm is None else depth.norm
         logits = norm(h[query]) @ model.trunk.unembedding_matrix.T
         drafts.append(jnp.argmax(logits))
+        if config.depth_previous_input == "after_norm":
+            h = norm(h)
     return jnp.stack(drafts)
 
 
@@ -310,8 +314,15 @@ def _loop_drafts(model, tokens, query):
         dict(mtp_kind="sequential", num_depths=2, shared_depth_layer=True),
         dict(mtp_kind="parallel", num_depths=2, depth_final_norm=True),
         dict(mtp_kind="sequential", num_depths=2, mtp_block="mlp"),
+        dict(
+            mtp_kind="sequential",
+            num_depths=2,
+            depth_final_norm=True,
+            depth_trunk_input="after_norm",
+            depth_previous_input="after_norm",
+        ),
     ],
-    ids=["sequential", "shared", "parallel", "mlp"],
+    ids=["sequential", "shared", "parallel", "mlp", "after-norm"],
 )
 def test_drafts_equal_the_depths_full_forward(overrides):
     """Every round's drafts, from the depths' windowed caches, are those of the

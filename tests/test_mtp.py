@@ -136,8 +136,20 @@ def test_scanned_depths_match_loop_over_unstacked_depths(overrides):
         )
 
 
-@pytest.mark.parametrize("kind", ["sequential", "parallel"])
-def test_mtp_depth_losses_on_any_trunk(kind):
+# Plausible bugs: the convention ignored (the raw state fed either way), the norm
+# applied to the carry but not to depth 1's input, or the trunk's final norm used for
+# the carry where the depth has its own.
+DEPTH_INPUTS = [
+    ("sequential", "before_norm", "before_norm"),
+    ("parallel", "before_norm", "before_norm"),
+    ("sequential", "after_norm", "after_norm"),
+    ("sequential", "after_norm", "before_norm"),
+    ("parallel", "after_norm", "before_norm"),
+]
+
+
+@pytest.mark.parametrize(("kind", "trunk_input", "previous_input"), DEPTH_INPUTS)
+def test_mtp_depth_losses_on_any_trunk(kind, trunk_input, previous_input):
     dim = 8
 
     def make(key):
@@ -148,6 +160,9 @@ def test_mtp_depth_losses_on_any_trunk(kind):
             dim,
             make_layer=lambda k: ToyLayer(dim, key=k),
             kind=kind,
+            depth_final_norm=trunk_input == "after_norm",
+            trunk_input=trunk_input,
+            previous_input=previous_input,
             key=depths_key,
         )
         return trunk, depths
