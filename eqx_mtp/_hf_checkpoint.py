@@ -34,7 +34,7 @@ from ._hf_config import (
     infer_family,
     model_config_from_hf,
 )
-from ._hf_families import FAMILIES, Family
+from ._hf_families import FAMILIES, METADATA_KEYS, Family
 from ._model import MTPModel, build_depths
 
 __all__ = ["OUR_SECTION", "WeightsError", "hf_config", "model_config_from_hf"]
@@ -519,6 +519,7 @@ def save_hf_checkpoint(
     family: str | None = None,
     dtype=None,
     max_shard_bytes: int | None = None,
+    metadata: dict | None = None,
 ) -> None:
     """Write `model` as a checkpoint that `family`'s transformers class loads (the
     depths are extra tensors to it), its depths under DeepSeek-V3's names (MiMo's for
@@ -541,8 +542,17 @@ def save_hf_checkpoint(
     - `max_shard_bytes`: split the tensors over `model-0000k-of-0000n.safetensors` files
         of at most about this size, listed in `model.safetensors.index.json`; `None`
         writes one `model.safetensors`.
+    - `metadata`: `config.json` keys that do not change the computation, written
+        as given, e.g. `{"eos_token_id": 2, "bos_token_id": 1}` (token ids are
+        `null` otherwise: the family's defaults may lie outside the vocabulary).
     """
     directory = _check_directory(directory)
+    unknown = sorted(set(metadata or {}) - METADATA_KEYS)
+    if unknown:
+        raise ValueError(
+            f"save_hf_checkpoint: metadata may hold only keys that do not change the "
+            f"computation (token ids, generation defaults, ...); got {unknown}"
+        )
     if max_shard_bytes is not None and (
         not isinstance(max_shard_bytes, int) or max_shard_bytes < 1
     ):
@@ -564,6 +574,7 @@ def save_hf_checkpoint(
     directory.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
         hf["torch_dtype"] = jnp.dtype(dtype).name
+    hf |= metadata or {}
     (directory / CONFIG_FILE).write_text(json.dumps(hf, indent=2))
     # safetensors writes its files readable by the owner only; give them the mode
     # config.json got from the umask, as every other file the user writes.

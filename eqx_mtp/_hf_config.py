@@ -484,6 +484,10 @@ def hf_config(config: ModelConfig, *, family: str | None = None) -> dict:
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "torch_dtype": "float32",
+        # The family's default token ids may lie outside this vocabulary.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
         **_family_keys(config, chosen),
         "num_nextn_predict_layers": config.num_depths,
         OUR_SECTION: {field: getattr(config, field) for field in OUR_FIELDS},

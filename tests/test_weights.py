@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from helpers import tiny_config
 from llama_reference import (
+    _rms_norm as rms_norm_reference,
     add_random_mtp_depths,
     deepseek_mtp_depth_logits,
     llama_config,
@@ -142,11 +143,19 @@ def test_stored_depths_match_deepseek_mtp(tmp_path, copies):
         final_norm=model.trunk.final_norm,
         readout=lambda k, normed: normed @ head.T,
     )
-    previous = llama_hidden(tensors, config, TOKENS)
+    # Transformers' MtpModel, which reads these names: depth 1 reads the trunk's
+    # state after `model.norm`, depth k > 1 depth k - 1's after its
+    # `shared_head.norm` (the raw states here would be MaxText's convention).
+    eps = config["rms_norm_eps"]
+    hidden_ref = llama_hidden(tensors, config, TOKENS)
+    previous = rms_norm_reference(hidden_ref, tensors["model.norm.weight"], eps)
     for k in range(1, num_depths + 1):
-        previous, reference = deepseek_mtp_depth_logits(
+        h_k, reference = deepseek_mtp_depth_logits(
             tensors, config, TOKENS, previous, k, num_layers=SIZES["num_layers"]
         )
+        depth_layer = f"model.layers.{SIZES['num_layers'] + k - 1}"
+        own_norm = tensors[f"{depth_layer}.shared_head.norm.weight"]
+        previous = rms_norm_reference(h_k, own_norm, eps)
         valid = len(TOKENS) - k
         np.testing.assert_allclose(
             np.asarray(ours[k - 1, 0, :valid]), reference, rtol=1e-5, atol=1e-5
