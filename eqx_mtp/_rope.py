@@ -1,8 +1,9 @@
 """Rotary position embeddings: the frequency tables of plain and rescaled RoPE, and
 their application in the "rotate half" (Llama/NeoX) layout.
 
-The tables depend only on the static configuration, so they are computed once, in
-NumPy float64, and enter the computation as float32 constants. The formulas are those
+The rescaled tables depend only on the static configuration, so they are computed once,
+in NumPy float64, and enter the computation as float32 constants (plain RoPE keeps its
+float32 formula, see `apply_rope`). The formulas are those
 of Hugging Face transformers' `modeling_rope_utils` (default, `linear`, `llama3`,
 `yarn`), so that a checkpoint trained with rescaled RoPE computes the same angles here.
 """
@@ -128,8 +129,15 @@ def apply_rope(
     `x` rotated, in its dtype (computed in float32).
     """
     half = x.shape[-1] // 2
-    table, attention_factor = rope_table(x.shape[-1], float(theta), scaling)
-    inv_freq = jnp.asarray(table, jnp.float32)
+    if scaling is None:
+        # Plain RoPE keeps the float32 formula models were trained with here: the
+        # float64 table rounds differently for head widths that are not powers of
+        # two (`i / half` is inexact), and a checkpoint's numbers must not move.
+        inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+        attention_factor = 1.0
+    else:
+        table, attention_factor = rope_table(x.shape[-1], float(theta), scaling)
+        inv_freq = jnp.asarray(table, jnp.float32)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
     cos = jnp.cos(angles)[:, None, :]
     sin = jnp.sin(angles)[:, None, :]
