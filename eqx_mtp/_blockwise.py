@@ -5,7 +5,9 @@ The forward pass visits one `[block_q, block_k]` tile of scores at a time with a
 online softmax (float32 running max, sum and output) and keeps only the output and the
 log-sum-exp of every query. The custom VJP recomputes each tile's probabilities from
 that log-sum-exp. In self-attention (no explicit indices) tiles entirely above the
-causal diagonal are never visited: the loops over tiles stop at the diagonal.
+causal diagonal are never visited: the loops over tiles stop at the diagonal; with a
+sliding window they also start at the window's far edge, so a windowed row costs
+`O(seq · window)`.
 """
 
 from __future__ import annotations
@@ -30,35 +32,60 @@ def _pad_to(x: Array, multiple: int, fill) -> Array:
     return jnp.concatenate([x, jnp.full((pad,) + x.shape[1:], fill, x.dtype)])
 
 
-def _tile_mask(q_segments, q_index, k_segments, k_index):
-    """`[block_q, block_k]`: key visible to query (same segment, not in the future)."""
+def _tile_mask(q_segments, q_index, k_segments, k_index, window):
+    """`[block_q, block_k]`: key visible to query (same segment, not in the future,
+    and with a `window`, fewer than `window` places back)."""
     same = q_segments[:, None] == k_segments[None, :]
-    return same & (k_index[None, :] <= q_index[:, None])
+    mask = same & (k_index[None, :] <= q_index[:, None])
+    if window is None:
+        return mask
+    return mask & (q_index[:, None] - k_index[None, :] < window)
 
 
 def _tile(x, i, size):
     return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
 
 
-def _key_tile_range(i, block_q, block_k, num_k_tiles, causal_self):
-    """Key tiles that query tile `i` visits: up to the diagonal in self-attention."""
+def _key_tile_range(i, block_q, block_k, num_k_tiles, causal_self, window):
+    """Key tiles that query tile `i` visits: in self-attention, up to the diagonal,
+    and from the tile of the first query's farthest key in the window."""
     if not causal_self:
         return 0, num_k_tiles
     last_query = (i + 1) * block_q - 1
-    return 0, jnp.minimum(last_query // block_k + 1, num_k_tiles)
+    hi = jnp.minimum(last_query // block_k + 1, num_k_tiles)
+    if window is None:
+        return 0, hi
+    first_key = i * block_q - window + 1
+    return jnp.maximum(first_key // block_k, 0), hi
 
 
-def _query_tile_range(j, block_q, block_k, num_q_tiles, causal_self):
-    """Query tiles that see key tile `j`: from the diagonal on, in self-attention."""
+def _query_tile_range(j, block_q, block_k, num_q_tiles, causal_self, window):
+    """Query tiles that see key tile `j`: in self-attention, from the diagonal on,
+    and up to the tile of the last query whose window reaches the tile's last key."""
     if not causal_self:
         return 0, num_q_tiles
-    return (j * block_k) // block_q, num_q_tiles
+    lo = (j * block_k) // block_q
+    if window is None:
+        return lo, num_q_tiles
+    last_query = (j + 1) * block_k - 1 + window - 1
+    return lo, jnp.minimum(last_query // block_q + 1, num_q_tiles)
 
 
-def _forward(q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self):
-    """Padded inputs: `q [Tq, K, G, d]`, `k, v [Tk, K, d]`. Returns the output
-    `[Tq, K, G, d]` (queries that see no key get 0) and the log-sum-exp `[Tq, K, G]`
-    (`-inf` there)."""
+def _clamped(window, length):
+    """The window capped at the padded row length, so that the tile arithmetic
+    (`index ± window`) stays within int32: in self-attention every distance is
+    below the cap."""
+    if window is None:
+        return None
+    return jnp.minimum(jnp.asarray(window, jnp.int32), length)
+
+
+def _forward(q, k, v, masking, block_q, block_k, causal_self):
+    """Padded inputs: `q [Tq, K, G, d]`, `k, v [Tk, K, d]`, `masking = (q_seg, k_seg,
+    q_idx, k_idx, window)`. Returns the output `[Tq, K, G, d]` (queries that see no
+    key get 0) and the log-sum-exp `[Tq, K, G]` (`-inf` there)."""
+    q_seg, k_seg, q_idx, k_idx, window = masking
+    span = _clamped(window, q.shape[0] + k.shape[0]) if causal_self else None
     num_q_tiles = q.shape[0] // block_q
     num_k_tiles = k.shape[0] // block_k
     _, kv_heads, group, head_dim = q.shape
@@ -72,7 +99,11 @@ def _forward(q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self)
             running_max, running_sum, acc = carry
             kj, vj = _tile(k, j, block_k), _tile(v, j, block_k)
             mask = _tile_mask(
-                q_seg_i, q_idx_i, _tile(k_seg, j, block_k), _tile(k_idx, j, block_k)
+                q_seg_i,
+                q_idx_i,
+                _tile(k_seg, j, block_k),
+                _tile(k_idx, j, block_k),
+                window,
             )
             scores = jnp.einsum(
                 "tkgd,skd->tkgs", qi, kj, preferred_element_type=jnp.float32
@@ -97,7 +128,7 @@ def _forward(q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self)
             jnp.zeros((block_q, kv_heads, group), jnp.float32),
             jnp.zeros((block_q, kv_heads, group, head_dim), jnp.float32),
         )
-        lo, hi = _key_tile_range(i, block_q, block_k, num_k_tiles, causal_self)
+        lo, hi = _key_tile_range(i, block_q, block_k, num_k_tiles, causal_self, span)
         running_max, running_sum, acc = jax.lax.fori_loop(lo, hi, visit, init)
         seen = running_sum > 0
         out = jnp.where(
@@ -113,11 +144,11 @@ def _forward(q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self)
     )
 
 
-def _backward(
-    q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse, d_out, block_q, block_k, causal_self
-):
+def _backward(q, k, v, masking, out, lse, d_out, block_q, block_k, causal_self):
     """Gradients w.r.t. the padded `q, k, v`, one key tile at a time (outer) against
     the query tiles that see it (inner), the probabilities recomputed from `lse`."""
+    q_seg, k_seg, q_idx, k_idx, window = masking
+    span = _clamped(window, q.shape[0] + k.shape[0]) if causal_self else None
     num_q_tiles = q.shape[0] // block_q
     num_k_tiles = k.shape[0] // block_k
     head_dim = q.shape[-1]
@@ -134,7 +165,11 @@ def _backward(
             d_q, d_k, d_v = carry
             qi, d_out_i = _tile(q, i, block_q), _tile(d_out, i, block_q)
             mask = _tile_mask(
-                _tile(q_seg, i, block_q), _tile(q_idx, i, block_q), k_seg_j, k_idx_j
+                _tile(q_seg, i, block_q),
+                _tile(q_idx, i, block_q),
+                k_seg_j,
+                k_idx_j,
+                window,
             )
             scores = jnp.einsum(
                 "tkgd,skd->tkgs", qi, kj, preferred_element_type=jnp.float32
@@ -171,7 +206,7 @@ def _backward(
             return d_q, d_k, d_v
 
         zeros = jnp.zeros(kj.shape, jnp.float32)
-        lo, hi = _query_tile_range(j, block_q, block_k, num_q_tiles, causal_self)
+        lo, hi = _query_tile_range(j, block_q, block_k, num_q_tiles, causal_self, span)
         d_q, d_k, d_v = jax.lax.fori_loop(lo, hi, visit, (d_q, zeros, zeros))
         return d_q, (d_k, d_v)
 
@@ -186,39 +221,27 @@ def _backward(
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attention(q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self):
-    out, _ = _forward(
-        q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self
-    )
+# `masking` (segment ids, indices and the window, all integers) is a differentiable
+# argument with no cotangent rather than a static one: the window is traced when it
+# differs between the layers of a scanned stack.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, masking, block_q, block_k, causal_self):
+    out, _ = _forward(q, k, v, masking, block_q, block_k, causal_self)
     return out
 
 
-def _attention_fwd(q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self):
-    out, lse = _forward(
-        q, k, v, q_seg, k_seg, q_idx, k_idx, block_q, block_k, causal_self
-    )
-    return out, (q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse)
+def _attention_fwd(q, k, v, masking, block_q, block_k, causal_self):
+    out, lse = _forward(q, k, v, masking, block_q, block_k, causal_self)
+    return out, (q, k, v, masking, out, lse)
 
 
 def _attention_bwd(block_q, block_k, causal_self, residuals, d_out):
-    q, k, v, q_seg, k_seg, q_idx, k_idx, out, lse = residuals
+    q, k, v, masking, out, lse = residuals
     d_q, d_k, d_v = _backward(
-        q,
-        k,
-        v,
-        q_seg,
-        k_seg,
-        q_idx,
-        k_idx,
-        out,
-        lse,
-        d_out,
-        block_q,
-        block_k,
-        causal_self,
+        q, k, v, masking, out, lse, d_out, block_q, block_k, causal_self
     )
-    return d_q, d_k, d_v, None, None, None, None
+    no_cotangent = jax.tree.map(lambda _: None, masking)
+    return d_q, d_k, d_v, no_cotangent
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
@@ -235,11 +258,13 @@ def blockwise_attention(
     key_index: Int[Array, " keys"] | None = None,
     block_q: int = DEFAULT_BLOCK,
     block_k: int = DEFAULT_BLOCK,
+    window: int | Int[Array, ""] | None = None,
 ) -> Float[Array, "seq heads head_dim"]:
     """Causal softmax attention over packed rows, a `[block_q, block_k]` tile of scores
     at a time: memory `O(seq · head_dim)` per head instead of `O(seq²)`.
 
-    A query sees the keys of its own document at or before it. Each key/value head
+    A query sees the keys of its own document at or before it (with a `window`, only
+    those fewer than `window` places back). Each key/value head
     serves `heads / kv_heads` query heads. Scores, softmax statistics and
     accumulation are float32; the output has the queries' dtype. Differentiable
     (custom VJP: the backward pass recomputes each tile from the saved log-sum-exp).
@@ -262,6 +287,10 @@ def blockwise_attention(
         from elsewhere (a KV cache, another context shard) and every tile is visited.
     - `block_q`, `block_k`: tile sizes; any row length works (the last tile is
         padded).
+    - `window`: a sliding window `W` (a positive integer, or a traced integer
+        scalar): the query at index `i` sees keys `j` with `i - W < j <= i`. In
+        self-attention the tiles wholly outside the window are skipped too. `None`
+        (the default): every earlier key of the document.
 
     **Returns:**
 
@@ -272,6 +301,11 @@ def blockwise_attention(
         ("key_segment_ids", key_segment_ids),
     ):
         check_segment_ids("blockwise_attention", name, value)
+    if isinstance(window, bool) or (isinstance(window, int) and window < 1):
+        raise ValueError(
+            f"blockwise_attention: window must be a positive integer or None, "
+            f"got {window!r}"
+        )
     if query_index is None and key_index is None:
         query_segment_ids = number_documents(query_segment_ids)
         key_segment_ids = number_documents(key_segment_ids)
@@ -285,6 +319,7 @@ def blockwise_attention(
         key_index=key_index,
         block_q=block_q,
         block_k=block_k,
+        window=window,
     )
 
 
@@ -299,6 +334,7 @@ def attention_of_documents(
     key_index=None,
     block_q=DEFAULT_BLOCK,
     block_k=DEFAULT_BLOCK,
+    window=None,
 ):
     """`blockwise_attention` on ids that are document numbers already (equal ids: one
     document), as the trunk's blocks get them."""
@@ -336,14 +372,18 @@ def attention_of_documents(
     q = queries.reshape(seq_len, num_kv_heads, group, head_dim)
     # Padded queries see nothing (segment -1 matches no key); padded keys are seen by
     # nothing (segment -2 matches no query, padding's 0 included).
-    out = _attention(
-        _pad_to(q, block_q, 0),
-        _pad_to(keys, block_k, 0),
-        _pad_to(values, block_k, 0),
+    masking = (
         _pad_to(query_segment_ids.astype(jnp.int32), block_q, -1),
         _pad_to(key_segment_ids.astype(jnp.int32), block_k, -2),
         _pad_to(query_index.astype(jnp.int32), block_q, 0),
         _pad_to(key_index.astype(jnp.int32), block_k, jnp.iinfo(jnp.int32).max),
+        None if window is None else jnp.asarray(window, jnp.int32),
+    )
+    out = _attention(
+        _pad_to(q, block_q, 0),
+        _pad_to(keys, block_k, 0),
+        _pad_to(values, block_k, 0),
+        masking,
         block_q,
         block_k,
         causal_self,

@@ -82,6 +82,16 @@ class KVCache(eqx.Module):
         return keys, values
 
 
-def cached_attention_mask(positions: Int[Array, " seq"], length: int) -> Array:
-    """`[seq, length]`: a query at position `p` sees the cached keys at `≤ p`."""
-    return jnp.arange(length)[None, :] <= positions[:, None]
+def cached_attention_mask(
+    positions: Int[Array, " seq"],
+    length: int,
+    *,
+    window: int | Int[Array, ""] | None = None,
+) -> Array:
+    """`[seq, length]`: a query at position `p` sees the cached keys at `≤ p`; with a
+    sliding `window` `W`, only those at `> p - W`."""
+    keys = jnp.arange(length)[None, :]
+    mask = keys <= positions[:, None]
+    if window is None:
+        return mask
+    return mask & (positions[:, None] - keys < window)

@@ -22,6 +22,9 @@ DEFAULT_RULES: tuple[ShardingRule, ...] = (
     # [heads · head_dim, dim] and [mlp_dim, dim]: heads and hidden units over
     # `model` (tensor parallel), the input width over `data`.
     (r"(^|\.)(q_proj|k_proj|v_proj|gate_proj|up_proj)\.weight$", (MODEL, DATA)),
+    # [heads · head_dim]: a q/k/v bias follows its matrix's output rows. (The q/k
+    # norms' scales, per head or over the projection, are unmatched: replicated.)
+    (r"(^|\.)(q_proj|k_proj|v_proj)\.bias$", (MODEL,)),
     # [dim, heads · head_dim] and [dim, mlp_dim]: the other side of the same split.
     (r"(^|\.)(o_proj|down_proj)\.weight$", (DATA, MODEL)),
     # The MTP projection [dim, 2·dim] and a linear depth block [dim, dim]: FSDP only.

@@ -1,5 +1,6 @@
 """A Llama-style decoder trunk: RMSNorm, rotary embeddings, grouped-query attention with
-a block-diagonal (packed-row) causal mask, SwiGLU, and a scanned stack of blocks.
+a block-diagonal (packed-row) causal mask, SwiGLU, and a scanned stack of blocks; with
+the options of today's dense families (see [`eqx_mtp.ModelConfig`][]).
 
 Every module acts on one example (`[seq, dim]`); batch with `jax.vmap`.
 """
@@ -14,158 +15,22 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._attention import (
-    attend,
+    Attention as Attention,
+    LayerOptions,
     attention_mask as attention_mask,
     grouped_attention as grouped_attention,
 )
 from ._config import ModelConfig, RematPolicy
 from ._documents import checked_documents
-from ._kv_cache import KVCache, cached_attention_mask
-from ._mesh import gathered_over_context
-
-
-class RMSNorm(eqx.Module):
-    """Root-mean-square normalisation over the last axis with a learned scale,
-    computed in float32 and returned in the input's dtype."""
-
-    weight: Float[Array, " dim"]
-    eps: float = eqx.field(static=True)
-
-    def __init__(self, dim: int, *, eps: float = 1e-6):
-        self.weight = jnp.ones((dim,), jnp.float32)
-        self.eps = eps
-
-    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
-        x32 = x.astype(jnp.float32)
-        scale = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * scale * self.weight.astype(jnp.float32)).astype(x.dtype)
-
-
-def dense(
-    linear: eqx.nn.Linear, x: Float[Array, "*batch in"]
-) -> Float[Array, "*batch out"]:
-    """Apply a bias-free `eqx.nn.Linear` to every leading index of `x` at once."""
-    return x @ linear.weight.T
-
-
-def apply_rope(
-    x: Float[Array, "seq heads head_dim"],
-    positions: Int[Array, " seq"],
-    theta: float,
-) -> Float[Array, "seq heads head_dim"]:
-    """Rotary position embedding, "rotate half" convention (Llama/NeoX layout)."""
-    half = x.shape[-1] // 2
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    cos = jnp.cos(angles)[:, None, :]
-    sin = jnp.sin(angles)[:, None, :]
-    x1 = x[..., :half].astype(jnp.float32)
-    x2 = x[..., half:].astype(jnp.float32)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
-
-
-class Attention(eqx.Module):
-    """Causal self-attention with grouped key/value heads and rotary embeddings."""
-
-    q_proj: eqx.nn.Linear
-    k_proj: eqx.nn.Linear
-    v_proj: eqx.nn.Linear
-    o_proj: eqx.nn.Linear
-    num_heads: int = eqx.field(static=True)
-    num_kv_heads: int = eqx.field(static=True)
-    rope_theta: float = eqx.field(static=True)
-    impl: str = eqx.field(static=True)
-    block_size: int = eqx.field(static=True)
-
-    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
-        q_key, k_key, v_key, o_key = jax.random.split(key, 4)
-        head_dim = config.head_dim
-        kv_width = config.num_kv_heads * head_dim
-        self.q_proj = eqx.nn.Linear(config.dim, config.dim, use_bias=False, key=q_key)
-        self.k_proj = eqx.nn.Linear(config.dim, kv_width, use_bias=False, key=k_key)
-        self.v_proj = eqx.nn.Linear(config.dim, kv_width, use_bias=False, key=v_key)
-        self.o_proj = eqx.nn.Linear(config.dim, config.dim, use_bias=False, key=o_key)
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.rope_theta = config.rope_theta
-        self.impl = config.attention_impl
-        self.block_size = config.attention_block_size
-
-    def project(
-        self, x: Float[Array, "seq dim"], positions: Int[Array, " seq"]
-    ) -> tuple[
-        Float[Array, "seq heads head_dim"],
-        Float[Array, "seq kv_heads head_dim"],
-        Float[Array, "seq kv_heads head_dim"],
-    ]:
-        """Queries, keys and values of `x`, with rotary embeddings applied. A KV cache
-        stores the keys and values this returns."""
-        seq_len = x.shape[0]
-        q = dense(self.q_proj, x).reshape(seq_len, self.num_heads, -1)
-        k = dense(self.k_proj, x).reshape(seq_len, self.num_kv_heads, -1)
-        v = dense(self.v_proj, x).reshape(seq_len, self.num_kv_heads, -1)
-        q = apply_rope(q, positions, self.rope_theta)
-        k = apply_rope(k, positions, self.rope_theta)
-        return q, k, v
-
-    def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        *,
-        positions: Int[Array, " seq"],
-        segment_ids: Int[Array, " seq"] | None,
-        cache: KVCache | None = None,
-    ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
-        """Attention over one packed row; with `cache`, over `x` at the consecutive
-        `positions` of a one-document row whose earlier keys and values the cache
-        holds: the new ones are written first, and `(output, cache)` returned
-        (`segment_ids` is not read and may be `None`)."""
-        q, k, v = self.project(x, positions)
-        if cache is not None:
-            cache = cache.write(k, v, positions[0])
-            keys, values = cache.read()
-            mask = cached_attention_mask(positions, cache.length)
-            out = grouped_attention(q, keys, values, mask)
-            return dense(self.o_proj, out.reshape(x.shape[0], -1)), cache
-        # Context parallelism: each query shard attends to the whole row's keys.
-        # Gathering keys and values costs O(seq · kv_dim) per layer; left to itself,
-        # the partitioner splits the logits by key and exchanges O(seq²) gradients.
-        k = gathered_over_context(k, head_axis=1)
-        v = gathered_over_context(v, head_axis=1)
-        key_segment_ids = gathered_over_context(segment_ids)
-        out = attend(
-            q,
-            k,
-            v,
-            segment_ids=segment_ids,
-            key_segment_ids=key_segment_ids,
-            impl=self.impl,
-            block_size=self.block_size,
-        )
-        return dense(self.o_proj, out.reshape(x.shape[0], -1))
-
-
-class SwiGLU(eqx.Module):
-    """`down(silu(gate(x)) * up(x))`, bias-free."""
-
-    gate_proj: eqx.nn.Linear
-    up_proj: eqx.nn.Linear
-    down_proj: eqx.nn.Linear
-
-    def __init__(self, dim: int, hidden_dim: int, *, key: PRNGKeyArray):
-        gate_key, up_key, down_key = jax.random.split(key, 3)
-        self.gate_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=gate_key)
-        self.up_proj = eqx.nn.Linear(dim, hidden_dim, use_bias=False, key=up_key)
-        self.down_proj = eqx.nn.Linear(hidden_dim, dim, use_bias=False, key=down_key)
-
-    def __call__(self, x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
-        hidden = jax.nn.silu(dense(self.gate_proj, x)) * dense(self.up_proj, x)
-        return dense(self.down_proj, hidden)
+from ._kv_cache import KVCache
+from ._layers import RMSNorm as RMSNorm, SwiGLU as SwiGLU, dense as dense
+from ._rope import apply_rope as apply_rope
 
 
 class TransformerBlock(eqx.Module):
-    """Pre-norm decoder block: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+    """Decoder block: pre-norm `x + attn(norm(x))`, then `x + mlp(norm(x))` (Llama),
+    or with `config.norm_position == "post"`, `h = x + norm(attn(x))`, then
+    `h + norm(mlp(h))` (OLMo-2: each norm on its sublayer's output).
 
     Its call signature, `block(x, *, positions, segment_ids, key=None)` on one
     `[seq, dim]` example, is the contract for any block plugged in as an MTP depth's
@@ -175,12 +40,18 @@ class TransformerBlock(eqx.Module):
     without a `key` parameter works wherever no key is given. This block has no
     randomness and ignores `key`. It computes in the dtype of `x` and of its
     parameters, which must agree (see `ModelConfig.compute_dtype`).
+
+    The options that may differ between the layers of a trunk (no-RoPE layers,
+    sliding windows) come per call as `options`, which the trunk's scan slices for
+    each layer; called without them, as the MTP depths call their layer, the block
+    applies RoPE and attends fully.
     """
 
     attention_norm: RMSNorm
     attention: Attention
     mlp_norm: RMSNorm
     mlp: SwiGLU
+    norm_position: str = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         attention_key, mlp_key = jax.random.split(key)
@@ -188,6 +59,7 @@ class TransformerBlock(eqx.Module):
         self.attention = Attention(config, key=attention_key)
         self.mlp_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = SwiGLU(config.dim, config.mlp_dim, key=mlp_key)
+        self.norm_position = config.norm_position
 
     def __call__(
         self,
@@ -197,22 +69,28 @@ class TransformerBlock(eqx.Module):
         segment_ids: Int[Array, " seq"] | None,
         key: PRNGKeyArray | None = None,
         cache: KVCache | None = None,
+        options: LayerOptions | None = None,
     ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
         """The block on one row; with a [`eqx_mtp.nn.KVCache`][], on positions
         that continue the cached ones, returning `(output, cache)` (see
-        [`eqx_mtp.nn.Attention`][])."""
+        [`eqx_mtp.nn.Attention`][]). `options`: this layer's RoPE switch and
+        window, as the trunk passes them; `None`: RoPE, full attention."""
         del key  # deterministic
-        normed = self.attention_norm(x)
+        post = self.norm_position == "post"
+        attention_input = x if post else self.attention_norm(x)
+        arguments = dict(positions=positions, segment_ids=segment_ids)
+        if options is not None:
+            arguments["options"] = options
         if cache is None:
-            attended = self.attention(
-                normed, positions=positions, segment_ids=segment_ids
-            )
+            attended = self.attention(attention_input, **arguments)
         else:
-            attended, cache = self.attention(
-                normed, positions=positions, segment_ids=segment_ids, cache=cache
-            )
-        x = x + attended
-        x = x + self.mlp(self.mlp_norm(x))
+            attended, cache = self.attention(attention_input, cache=cache, **arguments)
+        if post:
+            x = x + self.attention_norm(attended)
+            x = x + self.mlp_norm(self.mlp(x))
+        else:
+            x = x + attended
+            x = x + self.mlp(self.mlp_norm(x))
         return x if cache is None else (x, cache)
 
 
@@ -248,27 +126,33 @@ def scan_blocks(
     segment_ids: Int[Array, " seq"] | None,
     remat_policy: RematPolicy = "none",
     cache: KVCache | None = None,
+    options: LayerOptions | None = None,
 ) -> Float[Array, "seq dim"] | tuple[Float[Array, "seq dim"], KVCache]:
     """Run a stacked module of blocks over `x` with one `jax.lax.scan`; with `cache`
     (one layer per block), block `i` reads and writes layer `i` of it, and
-    `(output, cache)` is returned."""
+    `(output, cache)` is returned. `options`: `LayerOptions` with a leading layer
+    axis, block `i` gets slice `i`; `None`: the blocks are called without."""
     dynamic, static = eqx.partition(blocks, eqx.is_array)
+
+    def call(h, block_params, layer_options, **arguments):
+        block = eqx.combine(block_params, static)
+        if layer_options is not None:
+            arguments["options"] = layer_options
+        return block(h, positions=positions, segment_ids=segment_ids, **arguments)
+
     if cache is None:
 
-        def body(h, block_params):
-            block = eqx.combine(block_params, static)
-            return block(h, positions=positions, segment_ids=segment_ids), None
+        def body(h, xs):
+            block_params, layer_options = xs
+            return call(h, block_params, layer_options), None
 
-        out, _ = jax.lax.scan(remat(body, remat_policy), x, dynamic)
+        out, _ = jax.lax.scan(remat(body, remat_policy), x, (dynamic, options))
         return out
 
     def cached_body(carry, xs):
         h, cache = carry
-        block_params, layer = xs
-        block = eqx.combine(block_params, static)
-        h, cache = block(
-            h, positions=positions, segment_ids=segment_ids, cache=cache.at_layer(layer)
-        )
+        block_params, layer, layer_options = xs
+        h, cache = call(h, block_params, layer_options, cache=cache.at_layer(layer))
         return (h, cache), None
 
     # Decoding runs a few tokens at a time: the scan is unrolled, so that each
@@ -276,7 +160,7 @@ def scan_blocks(
     # place, never copied) and the loop's per-iteration overhead goes.
     layers = jnp.arange(cache.keys.shape[0])
     (out, cache), _ = jax.lax.scan(
-        cached_body, (x, cache), (dynamic, layers), unroll=True
+        cached_body, (x, cache), (dynamic, layers, options), unroll=True
     )
     return out, cache.at_layer(0)
 
@@ -295,6 +179,8 @@ class Transformer(eqx.Module):
     final_norm: RMSNorm
     unembedding: Float[Array, "vocab dim"] | None
     remat_policy: RematPolicy = eqx.field(static=True)
+    rope_layers: tuple[bool, ...] | None = eqx.field(static=True)
+    layer_windows: tuple[int | None, ...] | None = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         embed_key, blocks_key, unembed_key = jax.random.split(key, 3)
@@ -314,6 +200,9 @@ class Transformer(eqx.Module):
                 unembed_key, (config.vocab_size, config.dim), jnp.float32
             )
         self.remat_policy = config.remat
+        # Static tuples, turned into the scan's per-layer options at each call:
+        # constants, never parameters.
+        self.rope_layers, self.layer_windows = LayerOptions.layout(config)
 
     @property
     def unembedding_matrix(self) -> Float[Array, "vocab dim"]:
@@ -342,6 +231,7 @@ class Transformer(eqx.Module):
         `(h⁰, cache)` is returned, the cache extended by them (`segment_ids` is not
         read and may be `None`). The same blocks compute both ways."""
         x = self.embedding[tokens] if embeddings is None else embeddings
+        options = LayerOptions.build(self.rope_layers, self.layer_windows)
         if cache is not None:
             return scan_blocks(
                 self.blocks,
@@ -349,6 +239,7 @@ class Transformer(eqx.Module):
                 positions=positions,
                 segment_ids=segment_ids,
                 cache=cache,
+                options=options,
             )
         segment_ids = checked_documents("Transformer", segment_ids)
         return scan_blocks(
@@ -357,6 +248,7 @@ class Transformer(eqx.Module):
             positions=positions,
             segment_ids=segment_ids,
             remat_policy=self.remat_policy,
+            options=options,
         )
 
     def logits(
