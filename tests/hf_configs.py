@@ -21,6 +21,8 @@ ARCHITECTURES = {
 }
 # `RotaryEmbeddingConfigMixin.default_theta`, overridden by SmolLM3Config.
 _DEFAULT_THETA = {"smollm3": 2_000_000.0}
+# The config classes' default of `tie_word_embeddings` (False elsewhere).
+_TIED_BY_DEFAULT = {"smollm3": True}
 # Families whose attention has the q/k/v biases hard-wired (`bias=True`), no o bias.
 _QKV_BIASED = ("qwen2", "mimo")
 # Families whose `attention_bias` adds biases to q, k, v and o; `mlp_bias` to the MLP.
@@ -28,6 +30,7 @@ _ATTENTION_BIAS = ("llama", "qwen3", "olmo2", "smollm3")
 _MLP_BIAS = ("llama", "smollm3")
 _WINDOWED_BY_LAYER_TYPES = ("qwen2", "qwen3", "mimo")
 
+LAYOUTS = ("v4", "v4.57", "v5")
 TINY = dict(
     vocab_size=48,
     hidden_size=32,
@@ -50,8 +53,11 @@ def family_config(family, *, layout, **options):
     **Arguments:**
 
     - `family`: one of `FAMILIES`.
-    - `layout`: `"v4"` (transformers 4.x: top-level `rope_theta`, `rope_scaling`) or
-        `"v5"` (transformers 5.x: `rope_parameters`).
+    - `layout`: `"v4"` (transformers 4.x as most published checkpoints carry it:
+        top-level `rope_theta`, `rope_scaling`, `torch_dtype`, no derived fields),
+        `"v4.57"` (what transformers 4.57 writes: `dtype`, and the derived `head_dim`,
+        possibly `null`, and `layer_types` written out) or `"v5"` (transformers 5.x:
+        `rope_parameters`, `dtype`, the derived fields written out).
     - `options`: any `config.json` field, in the transformers-4 vocabulary:
         sizes (`TINY` by default), `rope_theta`, `rope_scaling` (a dict with
         `rope_type`; merged into `rope_parameters` for `"v5"`), `head_dim`,
@@ -64,8 +70,8 @@ def family_config(family, *, layout, **options):
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if layout not in ("v4", "v5"):
-        raise ValueError(f"layout must be 'v4' or 'v5', got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     extra = options.pop("extra", {})
     legacy_type_key = options.pop("legacy_type_key", False)
     config = {
@@ -76,7 +82,7 @@ def family_config(family, *, layout, **options):
         "initializer_range": 0.02,
         "use_cache": True,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": family == "smollm3",
+        "tie_word_embeddings": _TIED_BY_DEFAULT.get(family, False),
         "rope_theta": _DEFAULT_THETA.get(family, 10_000.0),
         "rope_scaling": None,
         "bos_token_id": 1,
@@ -85,16 +91,18 @@ def family_config(family, *, layout, **options):
     }
     config.update(_family_fields(family))
     config.update(options)
-    if layout == "v4":
+    if layout == "v5":
+        config = _to_v5(family, config)
+    else:
         scaling = config["rope_scaling"]
         if legacy_type_key and scaling is not None:
             scaling = dict(scaling)
             scaling["type"] = scaling.pop("rope_type")
             config["rope_scaling"] = scaling
         config["torch_dtype"] = "float32"
-        config["transformers_version"] = "4.57.1"
-    else:
-        config = _to_v5(family, config)
+        config["transformers_version"] = "4.44.2"
+    if layout == "v4.57":
+        config = _to_v457(family, config)
     config.update(extra)
     return config
 
@@ -141,6 +149,26 @@ def _family_fields(family):
             },
         )
     return fields
+
+
+def _to_v457(family, config):
+    """What transformers 4.57's `save_pretrained` writes for `config` (its
+    `to_diff_dict` leaves out values equal to `PretrainedConfig`'s defaults)."""
+    config = dict(config)
+    config["dtype"] = config.pop("torch_dtype")
+    config["transformers_version"] = "4.57.1"
+    if family == "llama":
+        config["head_dim"] = head_dim_of(config)
+    if family == "mistral":
+        config.setdefault("head_dim", None)
+    if family in _WINDOWED_BY_LAYER_TYPES + ("smollm3",):
+        config["layer_types"] = _layer_types(family, config)
+        if family != "smollm3" and not config.get("use_sliding_window"):
+            config["sliding_window"] = None
+    # Dropped when equal to both PretrainedConfig's default (True) and the class's.
+    if config["tie_word_embeddings"] and _TIED_BY_DEFAULT.get(family, False):
+        del config["tie_word_embeddings"]
+    return config
 
 
 def _to_v5(family, config):
@@ -269,3 +297,9 @@ def biased_projections(config):
     if family in _MLP_BIAS and config.get("mlp_bias"):
         names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     return names
+
+
+def tied(config):
+    """`tie_word_embeddings`, with the family's default when the file leaves it out."""
+    default = _TIED_BY_DEFAULT.get(config["model_type"], False)
+    return bool(config.get("tie_word_embeddings", default))

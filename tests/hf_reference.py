@@ -21,12 +21,14 @@ import pathlib
 import numpy as np
 from hf_configs import (
     FAMILIES as FAMILIES,
+    LAYOUTS as LAYOUTS,
     TINY as TINY,
     biased_projections,
     family_config as family_config,
     head_dim_of,
     rope_layers,
     rope_parameters as rope_parameters,
+    tied,
     windows,
 )
 from llama_reference import (
@@ -183,7 +185,7 @@ def random_family_tensors(config, *, seed, depths=0, depth_layout="deepseek_v3")
     for layer in range(layers):
         tensors.update(_block_tensors(rng, f"model.layers.{layer}", config))
     tensors["model.norm.weight"] = _norm_weight(rng, dim)
-    if not config.get("tie_word_embeddings", False):
+    if not tied(config):
         tensors["lm_head.weight"] = _matrix(rng, vocab, dim)
     for k in range(1, depths + 1):
         if depth_layout == "deepseek_v3":
@@ -311,7 +313,7 @@ def _decoder_layer(tensors, prefix, config, x, *, rope, window):
 
 
 def _output_head(tensors, config):
-    if config.get("tie_word_embeddings", False):
+    if tied(config):
         return _f64(tensors, "model.embed_tokens.weight")
     return _f64(tensors, "lm_head.weight")
 

@@ -30,7 +30,7 @@ import eqx_mtp
 
 TOKENS = np.array([3, 17, 0, 22, 5, 5, 9, 1, 14, 2, 8, 20, 31, 40, 7, 11], np.int32)
 RTOL = ATOL = 1e-5
-LAYOUTS = ("v4", "v5")
+LAYOUTS = ("v4", "v4.57", "v5")
 LLAMA3 = dict(
     rope_type="llama3",
     factor=8.0,
