@@ -256,9 +256,11 @@ def windows(family, config):
 def rope_parameters(config):
     """The standardised `rope_parameters` of `config`, read as transformers 5 does.
 
-    **Returns:** a dict with `rope_type`, `rope_theta` and the scaling fields;
-    `original_max_position_embeddings` defaults to `max_position_embeddings` for
-    `llama3` and `yarn` (Phi-3 reads its top-level field instead).
+    **Returns:** a dict with `rope_type`, `rope_theta` and the scaling fields. For
+    `llama3`, `yarn` and `longrope`, `original_max_position_embeddings` is the
+    top-level field when there is one (`standardize_rope_params`, run again when the
+    rotary tables are built, lets it win; Phi-3 always has one, default 4096), else
+    the dict's, else `max_position_embeddings`.
     """
     family = config["model_type"]
     parameters = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
@@ -270,14 +272,14 @@ def rope_parameters(config):
     if family == "phi3" and parameters["rope_type"] in ("su", "yarn"):
         parameters["rope_type"] = "longrope"
     if parameters["rope_type"] in ("llama3", "yarn", "longrope"):
-        if family == "phi3":
-            parameters["original_max_position_embeddings"] = config.get(
-                "original_max_position_embeddings", 4096
-            )
-        else:
-            parameters.setdefault(
-                "original_max_position_embeddings", config["max_position_embeddings"]
-            )
+        top = config.get("original_max_position_embeddings")
+        if top is None and family == "phi3":
+            top = 4096
+        if top is not None:
+            parameters["original_max_position_embeddings"] = top
+        parameters.setdefault(
+            "original_max_position_embeddings", config["max_position_embeddings"]
+        )
     return parameters
 
 

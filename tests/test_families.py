@@ -224,6 +224,23 @@ def test_logits_match_reference(loaded, family, layout):
     )
 
 
+@pytest.mark.parametrize("impl", ["reference", "blockwise"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_windows_in_each_attention_impl(loaded, family, impl):
+    # The windowed families through both attention paths, blockwise with tiles of 4
+    # so that whole tiles fall outside the window of 5 (Mistral) or 4 (Qwen2's layer
+    # 1): catches a window off by one in either mask, and tiles skipped that hold
+    # keys in the window.
+    directory, config, tensors, _ = loaded(family, "v5")
+    model = eqx_mtp.interop.load_hf_checkpoint(
+        directory, attention_impl=impl, attention_block_size=4
+    )
+    _, logits = _ours(model)
+    np.testing.assert_allclose(
+        logits, family_logits(tensors, config, TOKENS), rtol=RTOL, atol=ATOL
+    )
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_case_can_fail(family):
     """Every bug `CASES` names moves the reference logits by more than 100 times the
