@@ -6,12 +6,20 @@ modeling_*.py`, `modeling_rope_utils.py`, `masking_utils.py`, `modeling_layers.p
 and, for MiMo, Xiaomi's `modeling_mimo.py` as ported by vLLM
 (`vllm/model_executor/models/mimo_mtp.py`):
 
-* `family_config` (from `hf_configs`) writes `config.json` as transformers 4.x
-  (`"v4"`) or 5.x (`"v5"`) would; `random_family_tensors` and `write_checkpoint` add
-  the weights under the family's names.
-* `family_hidden` / `family_logits` read either layout the way transformers 5 does
+* `family_config` (from `hf_configs`) writes `config.json` as published
+  transformers-4 files carry it (`"v4"`), as transformers 4.57 writes it
+  (`"v4.57"`) or as 5.x does (`"v5"`); `random_family_tensors` and
+  `write_checkpoint` add the weights under the family's names.
+* `family_hidden` / `family_logits` read any layout the way transformers 5 does
   (see `hf_configs.rope_parameters`) and run the forward in float64.
 * `deepseek_depth` / `mimo_depth` run one MTP depth of each layout on a given state.
+
+Checked once against transformers itself (the suite has no torch): checkpoints written
+here, loaded by transformers 4.57.1 and 5.25.0 in float64, give these logits to a
+relative 3e-7 (transformers keeps the inverse frequencies in float32) for every
+family and layout, each RoPE scaling, windows, biases and NoPE layers; the depths
+match transformers 5's `MtpLayer` (Llama and Qwen2 blocks) and Xiaomi's
+`MiMoMTPLayers.forward` on transformers' Qwen2 modules to 6e-7.
 """
 
 import json
@@ -453,7 +461,9 @@ def mimo_depth(tensors, config, tokens, state, k):
 
     Which `state` is fed: vLLM and SGLang give depth 1 the trunk after `model.norm`
     (`final_norm(...)`) and depth `k > 1` the previous depth's `n` (the layer returns
-    its output after `final_layernorm`); Xiaomi's file defines no drafting loop.
+    its output after `final_layernorm`); Xiaomi's file defines no drafting loop. Not
+    transcribed: vLLM zeroes the embedding at position 0 (a serving detail; every
+    row here starts at position 0 of the depth's own window) and drafts one depth.
 
     **Arguments:** as `deepseek_depth`.
 

@@ -1,5 +1,6 @@
-"""Hugging Face checkpoints of today's dense families, both `config.json` layouts, and
-their MTP depths, against the independent NumPy reference of `tests/hf_reference.py`
+"""Hugging Face checkpoints of today's dense families, in the `config.json` layouts in
+use (published transformers-4 files, what transformers 4.57 writes, transformers 5),
+and their MTP depths, against the independent NumPy reference of `tests/hf_reference.py`
 (written from transformers' published modeling code, never from ours).
 
 Each family case turns on what makes that family itself (a RoPE scaling, a window,
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from hf_reference import (
     FAMILIES,
+    LAYOUTS,
     deepseek_depth,
     family_config,
     family_hidden,
@@ -30,7 +32,6 @@ import eqx_mtp
 
 TOKENS = np.array([3, 17, 0, 22, 5, 5, 9, 1, 14, 2, 8, 20, 31, 40, 7, 11], np.int32)
 RTOL = ATOL = 1e-5
-LAYOUTS = ("v4", "v4.57", "v5")
 LLAMA3 = dict(
     rope_type="llama3",
     factor=8.0,
@@ -44,7 +45,7 @@ YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
 # A bug is a config or tensor mutation the reference runs; see `_mutated`.
 CASES = {
     # head_dim 8 at θ=500: wavelengths 6, 30, 140, 664 against the band [64, 256]
-    # of original_max_position 256: one frequency kept, one smoothed, one divided.
+    # of original_max_position 256: two frequencies kept, one smoothed, one divided.
     "llama": (
         dict(rope_theta=500.0, rope_scaling=LLAMA3, max_position_embeddings=1024),
         {
