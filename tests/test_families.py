@@ -242,6 +242,52 @@ def test_windows_in_each_attention_impl(loaded, family, impl):
     )
 
 
+ROPE_VARIANTS = {
+    # YaRN with every optional field: custom ramp, no truncation, and the attention
+    # factor from mscale / mscale_all_dim (catches fields read but not applied, or
+    # their defaults applied instead).
+    "yarn-all-fields": (
+        "v5",
+        dict(
+            rope_scaling=YARN
+            | dict(beta_fast=8, beta_slow=2, truncate=False, mscale=2.0)
+            | dict(mscale_all_dim=0.5),
+        ),
+    ),
+    # An older transformers-4 file: `type` for `rope_type`, linear scaling.
+    "linear-type-key": (
+        "v4",
+        dict(rope_scaling=dict(rope_type="linear", factor=3.0), legacy_type_key=True),
+    ),
+    # llama3 without original_max_position_embeddings: transformers 5 uses
+    # max_position_embeddings (catches the loader keeping some other default).
+    "llama3-original-from-max-position": (
+        "v5",
+        dict(
+            rope_scaling={k: v for k, v in LLAMA3.items() if "original" not in k},
+            max_position_embeddings=512,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(ROPE_VARIANTS))
+def test_rope_variants(tmp_path, variant):
+    layout, options = ROPE_VARIANTS[variant]
+    config = family_config("llama", layout=layout, rope_theta=200.0, **options)
+    tensors = random_family_tensors(config, seed=5)
+    model = eqx_mtp.interop.load_hf_checkpoint(
+        write_checkpoint(tmp_path, config, tensors)
+    )
+    _, logits = _ours(model)
+    reference = family_logits(tensors, config, TOKENS)
+    np.testing.assert_allclose(logits, reference, rtol=RTOL, atol=ATOL)
+    # The scaling changes the logits (the test can fail).
+    unscaled = family_config("llama", layout=layout, rope_theta=200.0)
+    plain = family_logits(tensors, unscaled, TOKENS)
+    assert np.max(np.abs(plain - reference)) > 100 * ATOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_case_can_fail(family):
     """Every bug `CASES` names moves the reference logits by more than 100 times the
