@@ -103,9 +103,14 @@ CASES = {
         },
     ),
     # q/k norms over the whole projections (not per head), post-norms, and a linear
-    # RoPE scaling (any family may carry one).
+    # RoPE scaling (any family may carry one; transformers 4's OLMo-2 reads only the
+    # legacy `type` key, which the v4 layouts then carry).
     "olmo2": (
-        dict(rope_theta=500.0, rope_scaling=dict(rope_type="linear", factor=4.0)),
+        dict(
+            rope_theta=500.0,
+            rope_scaling=dict(rope_type="linear", factor=4.0),
+            legacy_type_key=True,
+        ),
         {
             "post-norms dropped": "unit_post_norms",
             "q/k norm dropped": "unit_qk_norms",
