@@ -106,6 +106,8 @@ class _Reader:
 def _check_keys(reader: _Reader) -> None:
     family = reader.family
     for key, value in reader.hf.items():
+        if key in family.ignored:
+            continue
         if key in REQUIRED_VALUES and (key in family.keys or key not in SIZE_KEYS):
             if value not in (REQUIRED_VALUES[key], None):
                 reader.refuse(key, "is not supported by the eqx_mtp trunk")

@@ -18,6 +18,7 @@ class Family:
         that change the forward pass; every one is interpreted below.
     - `defaults`: the configuration class's defaults of keys a file may leave out.
     - `implies`: [`eqx_mtp.ModelConfig`][] fields the family's modeling code fixes.
+    - `ignored`: keys its files carry that its modeling code never reads.
     - `fused`: its attention and MLP input projections are stored fused (Phi-3).
     - `mtp_layout`: where its checkpoints keep MTP depths (`None`: DeepSeek-V3's
         names, written only by us).
@@ -29,6 +30,7 @@ class Family:
     keys: frozenset[str]
     defaults: types.MappingProxyType
     implies: types.MappingProxyType
+    ignored: frozenset[str] = frozenset()
     fused: bool = False
     mtp_layout: str | None = None
 
@@ -159,6 +161,9 @@ _QWEN2_WINDOWS = {
     "sliding_window": 4096,
     "max_window_layers": 28,
 }
+# Qwen2's attention always has q/k/v biases and never an o_proj bias, whatever a
+# file's `attention_bias` says (MiMo's files say true).
+_QWEN2_IGNORED = frozenset({"attention_bias"})
 FAMILIES = {
     family.name: family
     for family in (
@@ -182,6 +187,7 @@ FAMILIES = {
             _WINDOW_KEYS,
             _QWEN2_WINDOWS,
             implies={"qkv_bias": True},
+            ignored=_QWEN2_IGNORED,
         ),
         _family(
             "qwen3",
@@ -229,6 +235,7 @@ FAMILIES = {
             _WINDOW_KEYS,
             _QWEN2_WINDOWS,
             implies={"qkv_bias": True},
+            ignored=_QWEN2_IGNORED,
             mtp_layout="mimo",
         ),
     )

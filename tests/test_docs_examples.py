@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from helpers import TINY_JOB, tiny_config
+from hf_reference import family_config, random_family_tensors, write_checkpoint
 from llama_reference import tiny_llama, write_llama_checkpoint
 
 import eqx_mtp
@@ -151,11 +152,49 @@ def _run_named(name: str):
     return setup
 
 
+# The families' stand-ins of docs/weights.md: (family, config.json options, layout).
+WEIGHTS_STAND_INS = {
+    "Llama-3.2-1B": (
+        "llama",
+        dict(
+            rope_theta=500_000.0,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=32.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+        "v5",
+    ),
+    "Mistral-7B-v0.3": ("mistral", dict(rope_theta=1e6, sliding_window=8), "v4"),
+    "Qwen2.5-0.5B": (
+        "qwen2",
+        dict(use_sliding_window=True, sliding_window=8, max_window_layers=1),
+        "v5",
+    ),
+    "Qwen3-0.6B": ("qwen3", dict(head_dim=16), "v5"),
+    "Phi-3-mini-4k-instruct": ("phi3", dict(sliding_window=8), "v4"),
+    "OLMo-2-0425-1B": ("olmo2", {}, "v5"),
+    "SmolLM3-3B": ("smollm3", dict(no_rope_layers=[1, 0]), "v5"),
+    "MiMo-7B-RL": ("mimo", dict(num_nextn_predict_layers=1), "v4"),
+    "Llama-with-o_proj-bias": ("llama", dict(attention_bias=True), "v4"),
+}
+
+
 def _weights(request) -> dict:
     write_llama_checkpoint("SmolLM2-135M", **TINY_LLAMA, tie_word_embeddings=True)
-    write_llama_checkpoint(
-        "Qwen2-0.5B", **TINY_LLAMA, extra_config={"attention_bias": True}
-    )
+    for name, (family, options, layout) in WEIGHTS_STAND_INS.items():
+        config = family_config(family, layout=layout, **options)
+        depths = config.get("num_nextn_predict_layers", 0)
+        tensors = random_family_tensors(
+            config, seed=0, depths=depths, depth_layout="mimo"
+        )
+        write_checkpoint(name, config, tensors)
+    gemma = pathlib.Path("gemma-3-1b-pt")
+    gemma.mkdir()
+    (gemma / "config.json").write_text('{"model_type": "gemma3_text"}')
     return {}
 
 
@@ -219,7 +258,12 @@ def test_weights_page_runs(page_namespace, capsys):
     assert run_page("docs/weights.md", page_namespace("docs/weights.md")) >= 5
     printed = capsys.readouterr().out
     assert "2 2 True" in printed  # layers, depths, tied
-    assert "attention_bias" in printed  # the refusal names the field
+    assert "Gemma-3" in printed and "attention_bias" in printed  # refused by name
+    assert (
+        "Qwen3-0.6B {'rope': None, 'window': None, 'bias': False, 'qk_norm': 'per_head'"
+        in printed
+    )
+    assert "1 after_norm" in printed  # MiMo's depth, with its readers' inputs
     assert "[[False  True  True  True  True  True]]" in printed
 
 
