@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from ._config import ModelConfig
 from ._hf_config import (
+    FOREIGN_DEPTHS,
     OUR_SECTION,
     WeightsError,
     family_of,
@@ -43,13 +44,6 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
-# What depth 1 and depth k > 1 read in the implementation that serves each layout:
-# transformers' `MtpModel` (DeepSeek-V3's names; SGLang and Megatron-Core agree) and
-# vLLM's and SGLang's MiMo drafters. `docs/weights.md` cites the code.
-LAYOUT_DEPTH_INPUTS = {
-    "deepseek_v3": ("after_norm", "after_norm"),
-    "mimo": ("after_norm", "after_norm"),
-}
 # A depth's own fields -> their names in each layout.
 _DEPTH_NAMES = {
     "deepseek_v3": {
@@ -359,9 +353,9 @@ def _depth_overrides(
         )
     overrides.setdefault("num_depths", stored)
     if OUR_SECTION not in hf and stored:
-        trunk_input, previous_input = LAYOUT_DEPTH_INPUTS[layout]
-        overrides.setdefault("depth_trunk_input", trunk_input)
-        overrides.setdefault("depth_previous_input", previous_input)
+        for field, value in FOREIGN_DEPTHS[layout].items():
+            if field != "depth_final_norm":
+                overrides.setdefault(field, value)
         first = _depth_prefix(layout, hf.get("num_hidden_layers", 0), 0)
         norm = f"{first}.{_DEPTH_NAMES[layout]['norm.weight']}"
         overrides.setdefault("depth_final_norm", norm in checkpoint)
@@ -601,7 +595,8 @@ def _warn_foreign_depth_inputs(config: ModelConfig, family: Family) -> None:
     if not config.num_depths or config.mtp_kind != "sequential":
         return
     layout = family.mtp_layout or "deepseek_v3"
-    expected = LAYOUT_DEPTH_INPUTS[layout]
+    foreign = FOREIGN_DEPTHS[layout]
+    expected = (foreign["depth_trunk_input"], foreign["depth_previous_input"])
     ours = (config.depth_trunk_input, config.depth_previous_input)
     if ours != expected:
         warnings.warn(

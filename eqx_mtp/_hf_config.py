@@ -52,6 +52,17 @@ _ROPE_KEYS = {
     },
 }
 _LAYER_TYPES = ("full_attention", "sliding_attention")
+# What depth 1 and depth k > 1 read in the code that serves each layout:
+# transformers' `MtpModel` for DeepSeek-V3's names (SGLang and Megatron-Core agree),
+# vLLM's and SGLang's drafters for MiMo's. docs/weights.md cites the code.
+FOREIGN_DEPTHS = {
+    layout: dict(
+        depth_final_norm=True,
+        depth_trunk_input="after_norm",
+        depth_previous_input="after_norm",
+    )
+    for layout in ("deepseek_v3", "mimo")
+}
 
 
 class WeightsError(ValueError):
@@ -322,6 +333,9 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
         num_depths=hf.get("num_nextn_predict_layers") or 0,
     )
     values |= dict(reader.family.implies)
+    if OUR_SECTION not in hf and values["num_depths"]:
+        # Foreign depths: a final norm each, and their readers' inputs.
+        values |= FOREIGN_DEPTHS[reader.family.mtp_layout or "deepseek_v3"]
     values |= hf.get(OUR_SECTION, {})
     values |= overrides
     try:

@@ -37,7 +37,9 @@ from ._checkpoint_layout import (
     is_step_directory,
     model_template,
     placed_template,
+    rebuilt,
     stored_model_config,
+    stored_target,
     write_json,
 )
 from ._exit_hooks import _close_at_exit, _close_manager
@@ -389,9 +391,11 @@ class Checkpointer:
             step, args=ocp.args.Composite(run_state=ocp.args.JsonRestore())
         ).run_state
         opt_kind = run_state.get("opt_state", _OPT_SAVED)
+        step_directory = pathlib.Path(self.directory) / str(step)
+        placed_model = placed_template(params_template, mesh, rules)
         items = dict(
             model=ocp.args.StandardRestore(
-                placed_template(params_template, mesh, rules)
+                stored_target(placed_model, step_directory / "model", "model")
             ),
             config=ocp.args.JsonRestore(),
         )
@@ -407,15 +411,16 @@ class Checkpointer:
                     )
                 opt_state = opt_state_template
             else:
+                placed_opt = placed_template(opt_state_template, mesh, rules)
                 items["opt_state"] = ocp.args.StandardRestore(
-                    placed_template(opt_state_template, mesh, rules)
+                    stored_target(placed_opt, step_directory / "opt_state", "opt_state")
                 )
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         if "opt_state" in items:
-            opt_state = restored.opt_state
+            opt_state = rebuilt(placed_opt, restored.opt_state)
         return RestoredState(
             step=step,
-            model=eqx.combine(restored.model, static),
+            model=eqx.combine(rebuilt(placed_model, restored.model), static),
             opt_state=opt_state,
             data_state=run_state["data"],
             rng=_rng_from(run_state),

@@ -14,6 +14,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from jax.sharding import Mesh, SingleDeviceSharding
 from jaxtyping import PyTree
 
@@ -154,3 +155,66 @@ def write_json(path: str | os.PathLike, values: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def _key_name(entry) -> str:
+    for attribute in ("name", "key", "idx"):
+        if hasattr(entry, attribute):
+            return str(getattr(entry, attribute))
+    return str(entry)
+
+
+def _named(tree: PyTree) -> dict[tuple[str, ...], Any]:
+    """Every leaf of `tree`, `None`s included, under its path of key names."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return {tuple(map(_key_name, path)): leaf for path, leaf in leaves}
+
+
+def stored_target(placed: PyTree, item_directory: pathlib.Path, item: str) -> PyTree:
+    """`placed` (a template's `jax.ShapeDtypeStruct`s) in the tree structure the
+    checkpoint item at `item_directory` was saved with, to restore into.
+
+    A field added since a checkpoint was written that holds no array here (`None`,
+    such as the q/k norms of a trunk without them) is absent from the stored tree:
+    it is left out, and `rebuilt` puts it back. An array either side lacks is a
+    `CheckpointError` that names it.
+    """
+    stored = ocp.PyTreeCheckpointer().metadata(item_directory).item_metadata.tree
+    ours = _named(placed)
+
+    def pick(path, value):
+        name = tuple(map(_key_name, path))
+        if value is None:
+            return None
+        if ours.get(name) is None:
+            raise CheckpointError(
+                f"its {item} holds an array at {'.'.join(name)} that the model "
+                "being restored has no place for"
+            )
+        return ours[name]
+
+    target = jax.tree_util.tree_map_with_path(pick, stored, is_leaf=lambda x: x is None)
+    present = {name for name, leaf in _named(target).items() if leaf is not None}
+    missing = [
+        ".".join(name)
+        for name, leaf in ours.items()
+        if leaf is not None and name not in present
+    ]
+    if missing:
+        raise CheckpointError(
+            f"its {item} has no array for {', '.join(missing[:4])}"
+            + (" …" if len(missing) > 4 else "")
+        )
+    return target
+
+
+def rebuilt(placed: PyTree, restored: PyTree) -> PyTree:
+    """`placed`'s structure with the arrays of `restored` (as `stored_target` laid it
+    out) at their places."""
+    arrays = _named(restored)
+    leaves = jax.tree_util.tree_flatten_with_path(placed, is_leaf=lambda x: x is None)
+    values = [
+        None if leaf is None else arrays[tuple(map(_key_name, path))]
+        for path, leaf in leaves[0]
+    ]
+    return jax.tree_util.tree_unflatten(leaves[1], values)

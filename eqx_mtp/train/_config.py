@@ -181,11 +181,24 @@ JOB_MODEL_FIELDS = (
     "mtp_block",
     "depth_final_norm",
     "shared_depth_layer",
+    "depth_trunk_input",
+    "depth_previous_input",
     "remat",
     "attention_impl",
     "attention_block_size",
     "compute_dtype",
     "train_depths_only",
+)
+
+# What a checkpoint's stored depths are: kept from it unless the job asks otherwise.
+DEPTH_SHAPE = (
+    "num_depths",
+    "mtp_kind",
+    "mtp_block",
+    "depth_final_norm",
+    "shared_depth_layer",
+    "depth_trunk_input",
+    "depth_previous_input",
 )
 
 
@@ -338,6 +351,10 @@ def _pretrained_config(given: dict[str, Any], init_from: str) -> ModelConfig:
         message = f"--init-from: cannot read {config_file}: {error}"
         raise UserError(message) from None
     options = {name: getattr(DEFAULT_MODEL, name) for name in JOB_MODEL_FIELDS}
+    if hf.get("num_nextn_predict_layers"):
+        # The checkpoint's depths keep their own shape and inputs unless asked.
+        for name in DEPTH_SHAPE:
+            options.pop(name)
     options |= {k: v for k, v in given.items() if k in JOB_MODEL_FIELDS}
     if "max_seq_len" in given:
         options["max_seq_len"] = given["max_seq_len"]

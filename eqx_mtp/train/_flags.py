@@ -50,6 +50,10 @@ FLAGS: dict[str, dict[str, str]] = {
         "depth_final_norm": "give each depth its own final norm before the shared "
         "unembedding",
         "shared_depth_layer": "one layer shared by every depth",
+        "depth_trunk_input": "what depth 1 reads: the trunk's last state before_norm "
+        "or after_norm (its final norm applied)",
+        "depth_previous_input": "what depth k > 1 reads: depth k - 1's output "
+        "before_norm or after_norm",
         "remat": "what the backward pass recomputes: none, full or save_dots",
         "attention_impl": _choices(ATTENTION_IMPLS)
         + " (blockwise: memory linear in the row length; auto: the backend's kernel "
