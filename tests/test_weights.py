@@ -10,6 +10,8 @@ instead of interleaved, a norm epsilon left at ours, the mask not shifted by one
 """
 
 import json
+import os
+import stat
 
 import equinox as eqx
 import jax
@@ -476,3 +478,23 @@ def test_maxtext_mask_gives_maxtexts_sums(getkey):
     np.testing.assert_allclose(np.asarray(sums), expected_sums, rtol=1e-5)
     with pytest.raises((ValueError, TypeError), match="decoder_target_mask"):
         eqx_mtp.interop.maxtext_loss_mask(target_mask[0])
+
+
+def test_saved_files_have_the_modes_of_the_users_other_files(tmp_path, getkey):
+    """safetensors creates its files readable by their owner only; a checkpoint
+    meant for other readers (a serving engine, a colleague) gets the mode every file
+    the user writes gets from the umask, as config.json does."""
+    model = eqx_mtp.MTPModel(tiny_config(), key=getkey())
+    old = os.umask(0o022)
+    try:
+        eqx_mtp.interop.save_hf_checkpoint(model, tmp_path / "one")
+        eqx_mtp.interop.save_hf_checkpoint(
+            model, tmp_path / "shards", max_shard_bytes=1
+        )
+    finally:
+        os.umask(old)
+    for directory in ("one", "shards"):
+        files = sorted((tmp_path / directory).iterdir())
+        assert len(files) >= 2
+        for file in files:
+            assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
