@@ -396,10 +396,25 @@ def test_rope_settings_are_read_from_either_layout():
     scaling = eqx_mtp.interop.model_config_from_hf(v4).rope_scaling
     assert scaling is not None and scaling.kind == "llama3"
     assert scaling.original_max_position == 256 and scaling.factor == 8.0
-    # SmolLM3's default θ is 2e6, not 10000, when a v4 file leaves it out.
-    smol = family_config("smollm3", layout="v4")
-    del smol["rope_theta"]
-    assert eqx_mtp.interop.model_config_from_hf(smol).rope_theta == 2_000_000.0
+
+
+def test_absent_keys_take_the_family_defaults():
+    # A loader that fills absent keys with Llama's defaults reads these wrong.
+    def read(family, absent, layout="v4", **options):
+        hf = family_config(family, layout=layout, **options)
+        del hf[absent]
+        return eqx_mtp.interop.model_config_from_hf(hf)
+
+    # SmolLM3's θ is 2e6, not 10000.
+    assert read("smollm3", "rope_theta").rope_theta == 2_000_000.0
+    # Qwen3's head_dim is 128, not hidden_size / heads.
+    assert read("qwen3", "head_dim").head_dim == 128
+    # SmolLM3 ties its embeddings (transformers 4.57 leaves the key out).
+    assert read("smollm3", "tie_word_embeddings").tie_embeddings
+    assert not read("llama", "tie_word_embeddings").tie_embeddings
+    # Mistral's window is 4096 (Mistral-7B-v0.1's files spell it out).
+    mistral = read("mistral", "sliding_window", max_position_embeddings=8192)
+    assert mistral.window(0) == 4096
 
 
 def test_phi3_fused_projections_split_like_separate_ones(tmp_path):
