@@ -236,21 +236,25 @@ def rope_layers(family, config):
 
 
 def windows(family, config):
-    """The sliding window of each layer (`None`: full causal attention)."""
+    """The sliding window of each layer (`None`: full causal attention), as the eager
+    attention masks it: Mistral and Phi-3 on every layer (Mistral's class default is
+    4096), the others where `layer_types` says `sliding_attention`."""
     layers = config["num_hidden_layers"]
     if family in ("mistral", "phi3"):
-        return [config.get("sliding_window")] * layers
-    if family in _WINDOWED_BY_LAYER_TYPES + ("smollm3",):
-        window = config.get("sliding_window")
-        if family != "smollm3" and not config.get("use_sliding_window"):
-            window = None
-        if family == "smollm3" and not config.get("use_sliding_window"):
-            return [None] * layers
-        types = _layer_types(family, config)
-        if "sliding_attention" in types and window is None:
-            raise NotImplementedError("sliding_attention layers without a window")
-        return [window if t == "sliding_attention" else None for t in types]
-    return [None] * layers
+        default = 4096 if family == "mistral" else None
+        return [config.get("sliding_window", default)] * layers
+    if family not in _WINDOWED_BY_LAYER_TYPES + ("smollm3",):
+        return [None] * layers
+    window = config.get("sliding_window", 4096 if family != "smollm3" else None)
+    if family != "smollm3" and not config.get("use_sliding_window"):
+        window = None
+    types = _layer_types(family, config)
+    if "sliding_attention" in types and (
+        window is None or not config.get("use_sliding_window")
+    ):
+        # transformers' eager mask and its flash-attention path disagree here.
+        raise NotImplementedError("sliding_attention layers without a window")
+    return [window if t == "sliding_attention" else None for t in types]
 
 
 def rope_parameters(config):
@@ -284,8 +288,13 @@ def rope_parameters(config):
 
 
 def head_dim_of(config):
-    heads = config["num_attention_heads"]
-    return config.get("head_dim") or config["hidden_size"] // heads
+    """The attention head width: `head_dim` when set, else Qwen3's class default 128,
+    else `hidden_size / num_attention_heads`."""
+    if config.get("head_dim") is not None:
+        return config["head_dim"]
+    if config["model_type"] == "qwen3":
+        return 128
+    return config["hidden_size"] // config["num_attention_heads"]
 
 
 def biased_projections(config):

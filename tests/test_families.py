@@ -14,6 +14,16 @@ import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from family_cases import (
+    ATOL,
+    CASES,
+    LLAMA3,
+    RTOL,
+    TOKENS,
+    YARN,
+    config_and_tensors,
+    mutated,
+)
 from hf_reference import (
     FAMILIES,
     LAYOUTS,
@@ -29,157 +39,6 @@ from hf_reference import (
 from llama_reference import read_llama_checkpoint
 
 import eqx_mtp
-
-TOKENS = np.array([3, 17, 0, 22, 5, 5, 9, 1, 14, 2, 8, 20, 31, 40, 7, 11], np.int32)
-RTOL = ATOL = 1e-5
-LLAMA3 = dict(
-    rope_type="llama3",
-    factor=8.0,
-    low_freq_factor=1.0,
-    high_freq_factor=4.0,
-    original_max_position_embeddings=256,
-)
-YARN = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32)
-
-# family -> (config options, {plausible bug: how it would change what is computed}).
-# A bug is a config or tensor mutation the reference runs; see `_mutated`.
-CASES = {
-    # head_dim 8 at θ=500: wavelengths 6, 30, 140, 664 against the band [64, 256]
-    # of original_max_position 256: two frequencies kept, one smoothed, one divided.
-    "llama": (
-        dict(rope_theta=500.0, rope_scaling=LLAMA3, max_position_embeddings=1024),
-        {
-            "θ read from the wrong key (10000 kept)": dict(rope_theta=10_000.0),
-            "rope_scaling ignored": dict(rope_scaling=None),
-            "llama3 smoothing band inverted": dict(
-                rope_scaling=LLAMA3 | dict(low_freq_factor=4.0, high_freq_factor=1.0)
-            ),
-        },
-    ),
-    # Mistral-7B-v0.3's θ; a window of 5 on rows of 16.
-    "mistral": (
-        dict(rope_theta=1_000_000.0, sliding_window=5),
-        {
-            "θ read from the wrong key (10000 kept)": dict(rope_theta=10_000.0),
-            "window ignored": dict(sliding_window=None),
-            "window off by one (sees W + 1 keys)": dict(sliding_window=6),
-        },
-    ),
-    # Window on layers >= max_window_layers = 1 only (Qwen2's rule).
-    "qwen2": (
-        dict(
-            rope_theta=5_000.0,
-            use_sliding_window=True,
-            sliding_window=4,
-            max_window_layers=1,
-        ),
-        {
-            "q/k/v bias dropped": "zero_biases",
-            "window on every layer (max_window_layers ignored)": dict(
-                max_window_layers=0
-            ),
-            "window off by one (sees W - 1 keys)": dict(sliding_window=3),
-        },
-    ),
-    # Explicit head_dim 12 (dim / heads = 8), per-head q/k norms, YaRN.
-    "qwen3": (
-        dict(rope_theta=2_000.0, rope_scaling=YARN, max_position_embeddings=128),
-        {
-            "q/k norm dropped": "unit_qk_norms",
-            "YaRN attention factor dropped": dict(
-                rope_scaling=YARN | dict(attention_factor=1.0)
-            ),
-            "YaRN ramp without truncation": dict(
-                rope_scaling=YARN | dict(truncate=False)
-            ),
-        },
-    ),
-    "phi3": (
-        dict(rope_theta=300.0, sliding_window=6),
-        {
-            "fused gate/up halves swapped": "swap_gate_up",
-            "fused q/k/v split at the wrong rows": "rotate_qkv",
-            "window ignored": dict(sliding_window=None),
-        },
-    ),
-    # q/k norms over the whole projections (not per head), post-norms, and a linear
-    # RoPE scaling (any family may carry one; transformers 4's OLMo-2 reads only the
-    # legacy `type` key, which the v4 layouts then carry).
-    "olmo2": (
-        dict(
-            rope_theta=500.0,
-            rope_scaling=dict(rope_type="linear", factor=4.0),
-            legacy_type_key=True,
-        ),
-        {
-            "post-norms dropped": "unit_post_norms",
-            "q/k norm dropped": "unit_qk_norms",
-            "linear factor ignored": dict(rope_scaling=None),
-        },
-    ),
-    # Layer 1 is NoPE (no_rope_layers = [1, 0]; 1 = uses RoPE); tied embeddings.
-    "smollm3": (
-        dict(rope_theta=5_000.0),
-        {
-            "no_rope_layers ignored": dict(no_rope_layers=[1, 1]),
-            "no_rope_layers read inverted (1 = NoPE)": dict(no_rope_layers=[0, 1]),
-        },
-    ),
-    "mimo": (
-        dict(rope_theta=20_000.0),
-        {"q/k/v bias dropped": "zero_biases"},
-    ),
-}
-
-
-def _mutated(config, tensors, bug):
-    """`(tensors, config)` as a loader with `bug` would compute them."""
-    if isinstance(bug, dict):
-        changed = dict(config)
-        for key, value in bug.items():
-            if "rope_parameters" not in changed or key not in (
-                "rope_theta",
-                "rope_scaling",
-            ):
-                changed[key] = value
-            elif key == "rope_theta":
-                changed["rope_parameters"] = changed["rope_parameters"] | {key: value}
-            else:
-                theta = changed["rope_parameters"]["rope_theta"]
-                changed["rope_parameters"] = dict(
-                    value or {"rope_type": "default"}, rope_theta=theta
-                )
-            if key == "max_window_layers" and "layer_types" in changed:
-                del changed["layer_types"]
-        return tensors, changed
-    changed = dict(tensors)
-    for name, value in tensors.items():
-        if bug == "zero_biases" and name.endswith(".bias"):
-            changed[name] = np.zeros_like(value)
-        if bug == "unit_qk_norms" and ("q_norm" in name or "k_norm" in name):
-            changed[name] = np.ones_like(value)
-        if bug == "unit_post_norms" and "post_" in name:
-            changed[name] = np.ones_like(value)
-        if bug == "swap_gate_up" and name.endswith("gate_up_proj.weight"):
-            changed[name] = np.concatenate(np.split(value, 2)[::-1])
-        if bug == "rotate_qkv" and name.endswith("qkv_proj.weight"):
-            changed[name] = np.roll(value, config["hidden_size"] // 2, axis=0)
-    return changed, config
-
-
-def _config_and_tensors(family, layout, *, depths=None, depth_layout=None, **more):
-    """A case's config (with `more` options) and random tensors; `depths` defaults to
-    what the config announces, in the family's own layout."""
-    options, _ = CASES[family]
-    config = family_config(family, layout=layout, **(options | more))
-    if depths is None:
-        depths = config.get("num_nextn_predict_layers", 0)
-    if depth_layout is None:
-        depth_layout = "mimo" if family == "mimo" else "deepseek_v3"
-    tensors = random_family_tensors(
-        config, seed=7, depths=depths, depth_layout=depth_layout
-    )
-    return config, tensors
 
 
 def _ours(model, tokens=TOKENS):
@@ -202,7 +61,7 @@ def loaded(tmp_path_factory):
 
     def get(family, layout):
         if (family, layout) not in cache:
-            config, tensors = _config_and_tensors(family, layout)
+            config, tensors = config_and_tensors(family, layout)
             directory = tmp_path_factory.mktemp(f"{family}-{layout}")
             write_checkpoint(directory, config, tensors)
             model = eqx_mtp.interop.load_hf_checkpoint(directory)
@@ -299,10 +158,10 @@ def test_each_case_can_fail(family):
     tolerance: a loader with that bug cannot pass `test_logits_match_reference`."""
     _, bugs = CASES[family]
     for layout in LAYOUTS:
-        config, tensors = _config_and_tensors(family, layout)
+        config, tensors = config_and_tensors(family, layout)
         right = family_logits(tensors, config, TOKENS)
         for bug, mutation in bugs.items():
-            wrong = family_logits(*_mutated(config, tensors, mutation), TOKENS)
+            wrong = family_logits(*mutated(config, tensors, mutation), TOKENS)
             gap = np.max(np.abs(wrong - right) / (ATOL + RTOL * np.abs(right)))
             assert gap > 100, f"{family} {layout}: {bug!r} moves logits by {gap:.1f}"
 
@@ -396,17 +255,32 @@ def test_rope_settings_are_read_from_either_layout():
     scaling = eqx_mtp.interop.model_config_from_hf(v4).rope_scaling
     assert scaling is not None and scaling.kind == "llama3"
     assert scaling.original_max_position == 256 and scaling.factor == 8.0
-    # SmolLM3's default θ is 2e6, not 10000, when a v4 file leaves it out.
-    smol = family_config("smollm3", layout="v4")
-    del smol["rope_theta"]
-    assert eqx_mtp.interop.model_config_from_hf(smol).rope_theta == 2_000_000.0
+
+
+def test_absent_keys_take_the_family_defaults():
+    # A loader that fills absent keys with Llama's defaults reads these wrong.
+    def read(family, absent, layout="v4", **options):
+        hf = family_config(family, layout=layout, **options)
+        del hf[absent]
+        return eqx_mtp.interop.model_config_from_hf(hf)
+
+    # SmolLM3's θ is 2e6, not 10000.
+    assert read("smollm3", "rope_theta").rope_theta == 2_000_000.0
+    # Qwen3's head_dim is 128, not hidden_size / heads.
+    assert read("qwen3", "head_dim").head_dim == 128
+    # SmolLM3 ties its embeddings (transformers 4.57 leaves the key out).
+    assert read("smollm3", "tie_word_embeddings").tie_embeddings
+    assert not read("llama", "tie_word_embeddings").tie_embeddings
+    # Mistral's window is 4096 (Mistral-7B-v0.1's files spell it out).
+    mistral = read("mistral", "sliding_window", max_position_embeddings=8192)
+    assert mistral.window(0) == 4096
 
 
 def test_phi3_fused_projections_split_like_separate_ones(tmp_path):
     # The same weights stored fused (Phi-3: qkv_proj = [q; k; v] rows, gate_up_proj =
     # [gate; up] rows) and separate (Llama names) load into the same model: catches
     # swapped halves and a q/k/v split at the wrong rows.
-    config, fused = _config_and_tensors("phi3", "v5", sliding_window=None)
+    config, fused = config_and_tensors("phi3", "v5", sliding_window=None)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     q_rows = config["num_attention_heads"] * head_dim
     kv_rows = config["num_key_value_heads"] * head_dim
@@ -495,7 +369,7 @@ def test_stored_depths_match_their_layouts_reference(
     # previous depth raw instead of normed), and the depth block missing the
     # family's biases.
     num_depths = 2
-    config, tensors = _config_and_tensors(
+    config, tensors = config_and_tensors(
         family, "v5", depth_layout=layout, num_nextn_predict_layers=num_depths
     )
     write_checkpoint(tmp_path, config, tensors)
@@ -546,7 +420,7 @@ def test_depth_conventions_and_mimo_order_can_fail():
     """On the reference: the MiMo order swapped, and each convention flipped, move the
     depths' logits far past the tolerance."""
     num_depths = 2
-    config, tensors = _config_and_tensors("mimo", "v5", num_nextn_predict_layers=2)
+    config, tensors = config_and_tensors("mimo", "v5", num_nextn_predict_layers=2)
     right = _depth_reference("mimo", tensors, config, LAYOUT_INPUTS["mimo"], 2)
     flips = [("before_norm", "after_norm"), ("after_norm", "before_norm")]
     for inputs in flips:
@@ -566,7 +440,7 @@ def test_depth_conventions_and_mimo_order_can_fail():
 def test_announced_depths_that_are_absent_load_the_trunk(tmp_path):
     # A file re-saved by transformers keeps `num_nextn_predict_layers` but drops the
     # depths: the trunk loads, with a warning naming the key, and no depths.
-    config, tensors = _config_and_tensors(
+    config, tensors = config_and_tensors(
         "qwen2", "v5", depths=0, num_nextn_predict_layers=1
     )
     write_checkpoint(tmp_path, config, tensors)
