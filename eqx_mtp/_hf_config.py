@@ -493,7 +493,8 @@ def hf_config(config: ModelConfig, *, family: str | None = None) -> dict:
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": rope,
+        # transformers 4's OLMo-2 reads the older `type` key only.
+        "rope_scaling": None if rope is None else rope | {"type": rope["rope_type"]},
         "rope_parameters": {"rope_type": "default"}
         | (rope or {})
         | {"rope_theta": config.rope_theta},
