@@ -57,8 +57,9 @@ OPTIMIZER_FLOPS_PER_PARAMETER = 18
 def _layer_matmuls(config: eqx_mtp.ModelConfig, block: str) -> int:
     """Forward matmul FLOPs per token of one layer, attention left out."""
     dim, kv_dim = config.dim, config.num_kv_heads * config.head_dim
+    q_dim = config.num_heads * config.head_dim  # dim, unless head_dim is explicit
     if block == "transformer":
-        return 2 * dim * (2 * dim + 2 * kv_dim) + 6 * dim * config.mlp_dim
+        return 2 * dim * (2 * q_dim + 2 * kv_dim) + 6 * dim * config.mlp_dim
     if block == "mlp":
         return 6 * dim * config.mlp_dim
     return 2 * dim * dim  # "linear"
@@ -84,7 +85,7 @@ def forward_flops_per_token(config: eqx_mtp.ModelConfig, seq: int) -> dict:
     """Model FLOPs of the forward pass per token, by part (see the module docstring);
     `total` is their sum. Training is 3 × this."""
     dim = config.dim
-    attention = 4 * dim * attention_pairs(seq) / seq
+    attention = 4 * config.num_heads * config.head_dim * attention_pairs(seq) / seq
     block = config.mtp_block
     layer = _layer_matmuls(config, "transformer") + attention
     depth_layer = _layer_matmuls(config, block)
@@ -119,6 +120,7 @@ def step_flops(config: eqx_mtp.ModelConfig, *, batch: int, seq: int) -> dict:
     """
     tokens = batch * seq
     dim = config.dim
+    q_dim = config.num_heads * config.head_dim
     block = config.mtp_block
     has_attention = dict(trunk=True, depths=block == "transformer")
     eh_proj = 2 * (2 * dim) * dim if config.mtp_kind == "sequential" else 0
@@ -146,8 +148,8 @@ def step_flops(config: eqx_mtp.ModelConfig, *, batch: int, seq: int) -> dict:
         # One forward pass of every layer's attention: 4·dim FLOPs per pair.
         attention_model = attention_hardware = 0
         if has_attention[part]:
-            attention_model = layers[part] * 4 * dim * model_pairs * batch
-            attention_hardware = layers[part] * 4 * dim * hardware_pairs * batch
+            attention_model = layers[part] * 4 * q_dim * model_pairs * batch
+            attention_hardware = layers[part] * 4 * q_dim * hardware_pairs * batch
         model[part] = 3 * (projections[part] * tokens + attention_model)
         recomputed = recompute * (
             (projections[part] - not_recomputed[part]) * tokens + attention_hardware
