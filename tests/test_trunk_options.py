@@ -567,18 +567,31 @@ def _loss_and_grads(model, mesh):
     return jax.jit(objective, compiler_options=FAST)(arrays, *inputs)
 
 
+@functools.cache
+def _trained(impl, compute_dtype="float32", mesh_shape=None):
+    """`(loss, grads)` of a model with every option at once, compiled once."""
+    config = _config(
+        attention_impl=impl,
+        num_depths=1,
+        compute_dtype=compute_dtype,
+        loss_impl="naive",
+        **ALL_OPTIONS,
+    )
+    model, mesh = random_model(config, seed=7), None
+    if mesh_shape is not None:
+        mesh = eqx_mtp.make_mesh(*mesh_shape)
+        model = eqx_mtp.shard_tree(model, mesh)
+    return _loss_and_grads(model, mesh)
+
+
 def test_options_on_a_mesh_equal_one_device():
     """Every option at once, trained on 8 devices (data × model: the biases and
     q/k norms sharded or replicated by the rules) with the blockwise attention
     equals one device, loss and every gradient, and both equal the materialised
     attention's on one device."""
-    config = _config(attention_impl="blockwise", num_depths=1, **ALL_OPTIONS)
-    model = random_model(config, seed=7)
-    mesh = eqx_mtp.make_mesh(4, 2, 1)
-    loss, grads = _loss_and_grads(eqx_mtp.shard_tree(model, mesh), mesh)
-    reference = dataclasses.replace(config, attention_impl="reference")
-    for expected_model in (model, random_model(reference, seed=7)):
-        expected_loss, expected_grads = _loss_and_grads(expected_model, None)
+    loss, grads = _trained("blockwise", mesh_shape=(4, 2, 1))
+    for impl in ("blockwise", "reference"):
+        expected_loss, expected_grads = _trained(impl)
         assert tree_allclose(loss, expected_loss, rtol=1e-5)
         # The leaves: the models' static parts name their attention_impl.
         assert tree_allclose(
@@ -607,11 +620,8 @@ def test_sharding_rules_cover_biases_and_qk_norms():
 def test_options_in_bfloat16_close_to_float32():
     """Every option at once with `compute_dtype="bfloat16"`: the loss is finite and
     close to float32's, and so are the gradients of the new parameters."""
-    config = _config(attention_impl="blockwise", num_depths=1, **ALL_OPTIONS)
-    model = random_model(config, seed=7)
-    half = random_model(dataclasses.replace(config, compute_dtype="bfloat16"), seed=7)
-    loss, grads = _loss_and_grads(model, None)
-    half_loss, half_grads = _loss_and_grads(half, None)
+    loss, grads = _trained("blockwise")
+    half_loss, half_grads = _trained("blockwise", "bfloat16")
     assert np.isfinite(half_loss) and abs(half_loss - loss) < 0.03 * abs(loss)
     for name in ("q_proj.bias", "q_norm.weight", "k_norm.weight"):
         g32 = np.asarray(_get(grads.trunk.blocks.attention, name))
