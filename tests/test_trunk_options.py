@@ -497,6 +497,17 @@ def test_kernels_refuse_a_window_by_name(monkeypatch):
         assert resolve_attention_impl(impl) == impl
         assert resolve_attention_impl("auto", windowed=True) == "blockwise"
         assert resolve_attention_impl("auto") == impl
+        # The model resolves it when traced, before any kernel runs.
+        model = random_model(_config(attention_impl=impl, sliding_window=4))
+        with pytest.raises(ValueError, match="sliding_window"):
+            jax.eval_shape(
+                lambda m: m(
+                    jnp.zeros(8, jnp.int32),
+                    positions=jnp.arange(8),
+                    segment_ids=jnp.ones(8, jnp.int32),
+                ),
+                model,
+            )
 
 
 # -- decoding, meshes, bfloat16 ------------------------------------------------------
