@@ -646,3 +646,14 @@ def _get(tree, name):
     for part in name.split("."):
         tree = getattr(tree, part)
     return tree
+
+
+@pytest.mark.parametrize("window", [0, -3, True])
+def test_blockwise_attention_rejects_a_bad_window(window):
+    """A window that is not a positive integer is an error naming `window`."""
+    x = jnp.zeros((4, 1, 2), jnp.float32)
+    seg = jnp.ones(4, jnp.int32)
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        eqx_mtp.nn.blockwise_attention(
+            x, x, x, query_segment_ids=seg, key_segment_ids=seg, window=window
+        )
