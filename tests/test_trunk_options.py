@@ -393,7 +393,7 @@ def _windowed_visible(segment_ids, window):
     return visible & (index[:, None] - index[None, :] < window)
 
 
-@settings(max_examples=8)
+@settings(max_examples=6)
 @given(
     data=st.data(),
     window=st.integers(1, 14),
@@ -599,19 +599,13 @@ def test_options_on_a_mesh_equal_one_device():
     """Every option at once, trained on 8 devices (data × model × context: the
     biases and q/k norms sharded or replicated by the rules, windows over keys
     gathered from the context shards) with the blockwise attention equals one
-    device, loss and every gradient, and both equal the materialised attention's
-    on one device."""
+    device, loss and every gradient. (Blockwise == materialised: values in
+    `test_trunk_option_matches_numpy`, gradients in
+    `test_windowed_blockwise_equals_windowed_reference`.)"""
     loss, grads = _trained("blockwise", mesh_shape=(2, 2, 2))
-    for impl in ("blockwise", "reference"):
-        expected_loss, expected_grads = _trained(impl)
-        assert tree_allclose(loss, expected_loss, rtol=1e-5)
-        # The leaves: the models' static parts name their attention_impl.
-        assert tree_allclose(
-            jax.tree.leaves(grads),
-            jax.tree.leaves(expected_grads),
-            rtol=1e-4,
-            atol=1e-6,
-        )
+    expected_loss, expected_grads = _trained("blockwise")
+    assert tree_allclose(loss, expected_loss, rtol=1e-5)
+    assert tree_allclose(grads, expected_grads, rtol=1e-4, atol=1e-6)
     # Every parameter learns, the biases and q/k norms included.
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(expected_grads))
 
