@@ -172,6 +172,11 @@ class Transformer(eqx.Module):
     Calling it returns the last block's output **before** the final norm (`h⁰`), which
     is what the MTP depths consume; [`eqx_mtp.nn.Transformer.logits`][] applies the
     head.
+
+    The config's per-layer options (`no_rope_layers`, `sliding_window`,
+    `full_attention_layers`) are kept as static tuples (`rope_layers`,
+    `layer_windows`, `None` when no layer differs) and handed to each block by the
+    scan over the stack, as constants, never as parameters.
     """
 
     embedding: Float[Array, "vocab dim"]
