@@ -348,8 +348,12 @@ class ModelConfig:
         return self.sliding_window
 
     def to_dict(self) -> dict:
-        """The configuration as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """The configuration as a JSON-serialisable dict, in the types JSON reads
+        back (lists for tuples), so that a stored copy compares equal."""
+        values = dataclasses.asdict(self)
+        for name in ("no_rope_layers", "full_attention_layers"):
+            values[name] = list(values[name])
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:

@@ -12,7 +12,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Shaped
 
 from ._config import ModelConfig
-from ._hf_checkpoint import leaf_at, with_arrays
+from ._hf_names import leaf_at, with_arrays
 from ._model import MTPModel
 
 # MaxText's RMSNorm epsilon (`normalization_layer_epsilon`'s default).

@@ -264,6 +264,7 @@ def test_weights_page_runs(page_namespace, capsys):
         in printed
     )
     assert "1 after_norm" in printed  # MiMo's depth, with its readers' inputs
+    assert "None 128" in printed  # layer 0 attends fully, layer 1 in its window
     assert "[[False  True  True  True  True  True]]" in printed
 
 

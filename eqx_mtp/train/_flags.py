@@ -323,9 +323,13 @@ def resume_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def _normalised_model(values: dict[str, Any]) -> dict[str, Any]:
     """A stored model config as `ModelConfig.to_dict` writes it today: a field added
-    since it was saved takes its default (which the saved model had), tuples read
-    back from JSON lists are tuples again."""
+    since it was saved takes its default (which the saved model had), and a head
+    width derived from `dim / num_heads` is left out (a change of `dim` is one
+    difference, not two)."""
     try:
-        return ModelConfig.from_dict(values).to_dict()
+        normalised = ModelConfig.from_dict(values).to_dict()
     except (TypeError, ValueError):
         return values
+    if normalised["head_dim"] * normalised["num_heads"] == normalised["dim"]:
+        del normalised["head_dim"]
+    return normalised
