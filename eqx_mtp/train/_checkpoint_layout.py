@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 from collections.abc import Collection
@@ -179,7 +180,15 @@ def stored_target(placed: PyTree, item_directory: pathlib.Path, item: str) -> Py
     it is left out, and `rebuilt` puts it back. An array either side lacks is a
     `CheckpointError` that names it.
     """
-    stored = ocp.PyTreeCheckpointer().metadata(item_directory).item_metadata.tree
+    # The item's own directory has no step metadata file, which Orbax reports as a
+    # warning on every restore; the tree metadata it reads is there.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        stored = ocp.PyTreeCheckpointer().metadata(item_directory).item_metadata.tree
+    finally:
+        absl.setLevel(level)
     ours = _named(placed)
 
     def pick(path, value):
