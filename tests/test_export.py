@@ -128,11 +128,9 @@ def test_the_family_comes_from_the_init_from_checkpoint(tmp_path, capsys):
     written as Llama. Catches: the run's stored `init_from` ignored. When that
     checkpoint is gone, the export names `--family`, which then decides."""
     config = family_config("mistral", layout="v4")
-    tensors = random_family_tensors(config, seed=1)
+    tensors = random_family_tensors(config, seed=1, depths=1)
     write_checkpoint(tmp_path / "mistral", config, tensors)
-    model = eqx_mtp.interop.load_hf_checkpoint(
-        tmp_path / "mistral", num_depths=1, key=jax.random.key(0)
-    )
+    model = eqx_mtp.interop.load_hf_checkpoint(tmp_path / "mistral")
     stored = {
         "model": model.config.to_dict(),
         "train": {"init_from": str(tmp_path / "mistral")},
