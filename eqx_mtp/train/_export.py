@@ -110,14 +110,10 @@ def export_run(config: ExportConfig) -> list[str]:
         except WeightsError as error:
             flag = "--family" if config.family else "--run"
             raise UserError(f"{flag}: {error}") from None
+        except OSError as error:
+            raise UserError(f"--to: cannot write {target}: {error}") from None
     _report_warnings(caught)
-    copied = []
-    if origin.tokenizer_directory is not None:
-        for name in TOKENIZER_FILES:
-            source = origin.tokenizer_directory / name
-            if source.is_file():
-                shutil.copyfile(source, target / name)
-                copied.append(name)
+    copied = _copy_tokenizer_files(origin.tokenizer_directory, target)
     depths = model.config.num_depths
     lines = [
         f"exported step {step} of {run} to {target}: family {origin.family}, "
@@ -125,13 +121,27 @@ def export_run(config: ExportConfig) -> list[str]:
     ]
     if copied:
         lines.append(f"tokenizer files: {', '.join(copied)}")
-    elif origin.init_from is None:
+    elif origin.init_from is None and model.config.vocab_size == BYTE_VOCAB_SIZE:
         lines.append("no tokenizer files: a byte-level run's ids are its bytes")
+    elif origin.init_from is None:
+        lines.append("no tokenizer files: the run records no --init-from checkpoint")
     elif origin.tokenizer_directory is None:
         lines.append(f"no tokenizer files: {origin.init_from} does not read")
     else:
         lines.append(f"no tokenizer files in {origin.tokenizer_directory}")
     return lines
+
+
+def _copy_tokenizer_files(
+    source: pathlib.Path | None, target: pathlib.Path
+) -> list[str]:
+    """Copy the tokenizer files `source` holds into `target`; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES if source is not None else ():
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+            copied.append(name)
+    return copied
 
 
 def _restore(run: pathlib.Path, step: int | None):
