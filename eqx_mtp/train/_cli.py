@@ -1,4 +1,5 @@
-"""The `eqx-mtp` command line: `eqx-mtp train` and `eqx-mtp generate`."""
+"""The `eqx-mtp` command line: `eqx-mtp train`, `eqx-mtp generate` and
+`eqx-mtp export`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from ._checkpoint import CheckpointError
 from ._config import TrainConfig, UserError
 from ._data import DataError
+from ._export import DTYPES, ExportConfig, export_run
 from ._flags import add_train_flags, load_config_file
 from ._generate import GenerateConfig, generate_text
 from ._job import train
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_train_flags(train_parser)
     _add_generate_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
@@ -80,6 +83,39 @@ def _add_generate_parser(commands) -> None:
     )
 
 
+def _add_export_parser(commands) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="write a run's model as a Hugging Face checkpoint",
+        description="Write a run's model (its newest checkpoint, or --step) in the "
+        "Hugging Face layout of the family it started from (a byte-level run as "
+        "Llama), MTP depths included, with the tokenizer files of its --init-from "
+        "checkpoint beside it. Refuses to overwrite.",
+    )
+    parser.add_argument(
+        "--run",
+        help="run directory (default: the newest run under runs/ that holds a "
+        "checkpoint)",
+    )
+    parser.add_argument(
+        "--to", required=True, help="directory to write (absent or empty)"
+    )
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step (default: newest)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        help=f"dtype of the written weights: {' or '.join(DTYPES)} (default: float32)",
+    )
+    parser.add_argument(
+        "--family",
+        default=None,
+        help="Hugging Face family to write (default: the one the run started from, "
+        "or the plainest that holds the trunk)",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `eqx-mtp`; returns the process exit code."""
     args = vars(_parser().parse_args(argv))
@@ -97,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             text, statistics = generate_text(GenerateConfig(**args))
             print(text)
             for line in statistics:
+                print(line)
+        elif command == "export":
+            for line in export_run(ExportConfig(**args)):
                 print(line)
     except (UserError, DataError, CheckpointError) as error:
         print(f"eqx-mtp {command}: error: {error}", file=sys.stderr)
