@@ -95,7 +95,7 @@ def _generate_rows(
     prompts: Int[Array, "batch prompt"],
     lengths: Int[Array, " batch"],
     keys: Array,
-) -> tuple[Array, Array, Array]:
+) -> tuple[Array, Array, Array, Array]:
     """The compiled loop over a batch of rows: `(new tokens, lengths, rounds,
     accepted)`."""
     batch = prompts.shape[0]
@@ -279,7 +279,7 @@ def generate(
     temperature: float | int = 0.0,
     top_k: int | None = None,
     key: PRNGKeyArray | None = None,
-    stop_tokens: Sequence[int] | None = None,
+    stop_tokens: Any = None,
 ) -> Generation:
     """Generate `max_new_tokens` tokens after each prompt, with a KV cache, and with
     the model's MTP depths drafting when `speculative`.
