@@ -138,7 +138,8 @@ def test_sampled_rows_are_the_unstopped_rows_cut_at_their_first_stop():
     stop token, then that token repeated (a round's randomness does not depend on the
     stops, so the rows agree before it). Catches, when sampling, tokens committed
     past an accepted stop draft."""
-    model = _model(4, vocab_size=5, num_depths=2)
+    # MLP depths: the cheapest sampling loop to compile, and often kept.
+    model = _model(4, vocab_size=5, num_depths=2, mtp_block="mlp")
     prompts = jnp.asarray([[1, 3]] * 16, jnp.int32)
     arguments = dict(max_new_tokens=8, temperature=1.0, key=jax.random.key(2))
     free = np.asarray(eqx_mtp.generate(model, prompts, **arguments).tokens)
@@ -162,10 +163,13 @@ def test_another_stop_set_reuses_the_program_with_its_own_stops(constants, monke
     monkeypatch.setattr(eqx_mtp._decode, "_COMPILED", {})
     if not constants:
         monkeypatch.setattr(eqx_mtp._decode, "CONSTANT_WEIGHTS_BYTES", 0)
-    model = _model(8, num_depths=2)
+    model = _model(7, num_depths=2)
     prompt = [5, 2, 7]
     truth = naive_greedy(model, prompt, 10)
-    for stops in ([truth[1]], [truth[6], truth[4], 18]):
+    stop_sets = ([truth[2]], [truth[7], 18])
+    expected_lengths = [greedy_until_stop(model, prompt, 10, s)[1] for s in stop_sets]
+    assert expected_lengths[0] != expected_lengths[1]
+    for stops in stop_sets:
         expected = greedy_until_stop(model, prompt, 10, stops)
         out = eqx_mtp.generate(model, [prompt], max_new_tokens=10, stop_tokens=stops)
         assert np.asarray(out.tokens[0]).tolist() == expected[0]
