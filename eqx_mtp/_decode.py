@@ -4,9 +4,8 @@ MTP depths draft the next tokens and one trunk pass verifies them; see
 
 Every row of a batch holds one prompt (one document), left-aligned; rows run in step
 inside one compiled `jax.lax.while_loop` until each has its new tokens or has ended at
-a stop token. Greedy
-speculative output is the plain greedy output; sampled output follows the trunk's
-distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
+a stop token. Greedy speculative output is the plain greedy output; sampled output
+follows the trunk's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
 """
 
 from __future__ import annotations
