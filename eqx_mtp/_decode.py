@@ -3,13 +3,14 @@ MTP depths draft the next tokens and one trunk pass verifies them; see
 [`eqx_mtp.Decoder`][] for a round).
 
 Every row of a batch holds one prompt (one document), left-aligned; rows run in step
-inside one compiled `jax.lax.while_loop` until each has its new tokens. Greedy
-speculative output is the plain greedy output; sampled output follows the trunk's
-distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
+inside one compiled `jax.lax.while_loop` until each has its new tokens or has ended at
+a stop token. Greedy speculative output is the plain greedy output; sampled output
+follows the trunk's distribution exactly (Leviathan et al. 2023; Chen et al. 2023).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,7 +29,10 @@ from ._model import MTPModel
 class Generation(eqx.Module):
     """What [`eqx_mtp.generate`][] returns.
 
-    - `tokens`: `[batch, max_new_tokens]` generated token ids.
+    - `tokens`: `[batch, max_new_tokens]` generated token ids; a row that ended at a
+        stop token holds that token from there to its end.
+    - `lengths`: `[batch]` tokens each row generated: up to and including its stop
+        token, else `max_new_tokens`.
     - `rounds`: `[batch]` trunk passes after the prompt's (one per round).
     - `accepted`: `[batch, num_depths]`: in how many rounds the drafts of depths
         `1 … k` were all kept (the sequential acceptance of depth `k` is
@@ -41,6 +45,7 @@ class Generation(eqx.Module):
     """
 
     tokens: Int[Array, "batch new"]
+    lengths: Int[Array, " batch"]
     rounds: Int[Array, " batch"]
     accepted: Int[Array, "batch depths"]
     seconds: float = eqx.field(static=True)
@@ -52,7 +57,11 @@ class Generation(eqx.Module):
         the first new token), over the batch: `1.0` for plain decoding. (The batch's
         wall time follows its slowest row.)"""
         passes = int(jnp.sum(self.rounds)) + self.rounds.shape[0]
-        return float(self.tokens.size / passes)
+        return float(self._generated / passes)
+
+    @property
+    def _generated(self) -> int:
+        return int(jnp.sum(self.lengths))
 
     @property
     def acceptance(self) -> list[float]:
@@ -63,7 +72,7 @@ class Generation(eqx.Module):
     @property
     def tokens_per_second(self) -> float:
         """New tokens of the whole batch per second of wall time."""
-        return self.tokens.size / self.seconds if self.seconds > 0 else float("inf")
+        return self._generated / self.seconds if self.seconds > 0 else float("inf")
 
 
 def loop_rows(batch: int) -> Callable[[Callable], Callable]:
@@ -85,8 +94,9 @@ def _generate_rows(
     prompts: Int[Array, "batch prompt"],
     lengths: Int[Array, " batch"],
     keys: Array,
-) -> tuple[Array, Array, Array]:
-    """The compiled loop over a batch of rows: `(new tokens, rounds, accepted)`."""
+) -> tuple[Array, Array, Array, Array]:
+    """The compiled loop over a batch of rows: `(new tokens, lengths, rounds,
+    accepted)`."""
     batch = prompts.shape[0]
     rows = loop_rows(batch)
     state = rows(decoder.prefill)(*loop_inputs(prompts, lengths, keys))
@@ -97,6 +107,7 @@ def _generate_rows(
     )
     out = (
         rows(decoder.new_tokens)(state),
+        rows(decoder.new_length)(state),
         state.rounds,
         state.accepted[..., : decoder.num_drafts],
     )
@@ -150,14 +161,15 @@ def _compiled(decoder: Decoder, inputs: tuple) -> Callable:
         if len(_COMPILED) >= _COMPILED_KEPT:
             _COMPILED.pop(next(iter(_COMPILED)))
         if constants:
-            program = (
-                jax.jit(lambda *inputs: _generate_rows(decoder, *inputs))
-                .lower(*inputs)
-                .compile()
-            )
+            # The stop tokens stay an argument: another set of them reuses the program.
+            def decode(stop_tokens, *inputs):
+                stopping = dataclasses.replace(decoder, stop_tokens=stop_tokens)
+                return _generate_rows(stopping, *inputs)
+
+            program = jax.jit(decode).lower(decoder.stop_tokens, *inputs).compile()
 
             def run(decoder, *inputs, program=program, model=decoder.model):
-                return program(*inputs)
+                return program(decoder.stop_tokens, *inputs)
         else:
             run = _generate_jit.lower(decoder, *inputs).compile()
         # The first run of a program pays once for what XLA:CPU prepares lazily
@@ -225,6 +237,37 @@ def _as_prompts(prompt_tokens, prompt_lengths) -> tuple[np.ndarray, np.ndarray]:
     return prompts, lengths
 
 
+def _as_stop_tokens(stop_tokens, vocab_size: int) -> np.ndarray | None:
+    """The stop tokens as an int32 array padded with `-1` to a multiple of 8 (a
+    few more stop tokens compile no new program), or `None` when there are none."""
+    if stop_tokens is None:
+        return None
+    if isinstance(stop_tokens, (str, bytes)) or not isinstance(
+        stop_tokens, (Sequence, np.ndarray, jax.Array)
+    ):
+        raise ValueError(
+            "generate: stop_tokens must be a sequence of token ids (e.g. [eos_id]), "
+            f"got {stop_tokens!r}"
+        )
+    values = list(np.asarray(stop_tokens).reshape(-1)) if np.ndim(stop_tokens) else []
+    if np.ndim(stop_tokens) != 1 or not all(map(_is_integer, values)):
+        raise ValueError(
+            "generate: stop_tokens must be a sequence of integer token ids, got "
+            f"{stop_tokens!r}"
+        )
+    if not values:
+        return None
+    outside = [int(x) for x in values if not 0 <= x < vocab_size]
+    if outside:
+        raise ValueError(
+            f"generate: stop_tokens must lie in [0, {vocab_size}), the model's "
+            f"vocabulary; got {outside}"
+        )
+    padded = np.full((-(-len(values) // 8) * 8,), -1, np.int32)
+    padded[: len(values)] = values
+    return padded
+
+
 def generate(
     model: MTPModel,
     prompt_tokens: Any,
@@ -235,6 +278,7 @@ def generate(
     temperature: float | int = 0.0,
     top_k: int | None = None,
     key: PRNGKeyArray | None = None,
+    stop_tokens: Any = None,
 ) -> Generation:
     """Generate `max_new_tokens` tokens after each prompt, with a KV cache, and with
     the model's MTP depths drafting when `speculative`.
@@ -257,6 +301,10 @@ def generate(
     - `temperature`: `0` for greedy decoding, `> 0` to sample.
     - `top_k`: sample among the `top_k` most likely tokens only.
     - `key`: PRNG key, required when sampling.
+    - `stop_tokens`: token ids that end a row (e.g. the tokenizer's end of
+        sequence): a row that generates one stops there, the stop token included,
+        and speculative decoding commits no draft after it. `None` or empty: every
+        row generates `max_new_tokens`.
 
     **Returns:**
 
@@ -311,6 +359,7 @@ def generate(
         raise ValueError(f"generate: top_k must be a positive integer, got {top_k!r}")
     if temperature > 0 and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a key")
+    stops = _as_stop_tokens(stop_tokens, config.vocab_size)
     num_drafts = config.num_depths if speculative and model.depths is not None else 0
     if num_drafts:
         layer_attends(depth_layer(model))
@@ -324,16 +373,20 @@ def generate(
         length=Decoder.cache_length(prompts.shape[1], int(max_new_tokens), num_drafts),
         temperature=float(temperature),
         top_k=None if top_k is None else int(top_k),
+        stop_tokens=None if stops is None else jnp.asarray(stops),
     )
     inputs = (jnp.asarray(prompts, jnp.int32), jnp.asarray(lengths, jnp.int32), keys)
     start = time.perf_counter()
     compiled = _compiled(decoder, inputs)
     compile_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    tokens, rounds, accepted = jax.block_until_ready(compiled(decoder, *inputs))
+    tokens, lengths, rounds, accepted = jax.block_until_ready(
+        compiled(decoder, *inputs)
+    )
     seconds = time.perf_counter() - start
     return Generation(
         tokens=tokens,
+        lengths=lengths,
         rounds=rounds,
         accepted=accepted,
         seconds=seconds,

@@ -21,6 +21,11 @@ cache and hidden states `h⁰` for positions `≤ n - 2`.
    at position `i` reads keys `≤ i` only).
 
 Plain decoding is the same round with no drafts.
+
+**Stop tokens.** A row whose last committed token is a stop token is finished. A
+round commits its kept drafts and the trunk's token only up to and including the
+first stop token among them: a stop the trunk accepts as a draft ends the row there,
+and what the trunk would have kept after it is not committed.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ class DecodeState(eqx.Module):
     """Where the decoding of one row stands after a round.
 
     - `tokens`: `[length]` the prompt, the tokens generated so far, then scratch.
-    - `count`: how many tokens of `tokens` are committed; the last is pending.
+    - `count`: how many tokens of `tokens` are committed; the last is pending (or,
+        in a row that ended at one, the stop token).
     - `prompt_length`: how many of them are the prompt's.
     - `cache`: the trunk's [`eqx_mtp.nn.KVCache`][], written for positions
         `≤ count - 2`.
@@ -112,6 +118,8 @@ class Decoder(eqx.Module):
         and room for a last round's drafts (see `cache_length`).
     - `temperature`, `top_k`: greedy decoding at `temperature == 0`, else sampling
         (see [`eqx_mtp.generate`][]).
+    - `stop_tokens`: `[stops]` int32 token ids that end a row (negative entries are
+        padding and match nothing), or `None`: a row runs to `max_new_tokens`.
     """
 
     model: MTPModel
@@ -120,6 +128,7 @@ class Decoder(eqx.Module):
     length: int = eqx.field(static=True)
     temperature: float = eqx.field(static=True)
     top_k: int | None = eqx.field(static=True)
+    stop_tokens: Int[Array, " stops"] | None = None
 
     @staticmethod
     def cache_length(prompt_width: int, max_new_tokens: int, num_drafts: int) -> int:
@@ -296,6 +305,7 @@ class Decoder(eqx.Module):
         )
         tokens = jax.lax.dynamic_update_slice(state.tokens, drafts.tokens, (count,))
         tokens = tokens.at[count + kept].set(token)
+        kept, committed = self._cut_at_stop(tokens, count, kept)
         done = self.finished(state)
         accepted = state.accepted
         if self.num_drafts:
@@ -303,7 +313,7 @@ class Decoder(eqx.Module):
             accepted = accepted + (depths <= kept).astype(jnp.int32)
         return DecodeState(
             tokens=jnp.where(done, state.tokens, tokens),
-            count=jnp.where(done, count, count + kept + 1),
+            count=jnp.where(done, count, count + committed),
             prompt_length=state.prompt_length,
             cache=cache,
             depth_cache=state.depth_cache,
@@ -313,17 +323,52 @@ class Decoder(eqx.Module):
             accepted=jnp.where(done, state.accepted, accepted),
         )
 
+    def _is_stop(self, tokens: Int[Array, "*shape"]) -> Bool[Array, "*shape"]:
+        return jnp.any(tokens[..., None] == self.stop_tokens, axis=-1)
+
+    def _cut_at_stop(
+        self, tokens: Int[Array, " length"], count: Int[Array, ""], kept: Int[Array, ""]
+    ) -> tuple[Int[Array, ""], Int[Array, ""]]:
+        """`(kept, committed)`: the drafts kept and the tokens committed by a round
+        whose candidates (kept drafts, then the trunk's token) fill `tokens` from
+        `count`, cut after the first stop token among them."""
+        if self.stop_tokens is None:
+            return kept, kept + 1
+        candidates = jax.lax.dynamic_slice_in_dim(tokens, count, self.num_drafts + 1)
+        index = jnp.arange(self.num_drafts + 1)
+        stops = self._is_stop(candidates) & (index <= kept)
+        committed = jnp.where(jnp.any(stops), jnp.argmax(stops), kept) + 1
+        return jnp.minimum(kept, committed), committed
+
     def round(self, state: DecodeState) -> DecodeState:
         """Draft, then verify."""
         drafts, state = self.draft(state)
         return self.verify(state, drafts)
 
     def finished(self, state: DecodeState) -> Bool[Array, ""]:
-        """Whether the row has its `max_new_tokens`."""
-        return state.count - state.prompt_length >= self.max_new_tokens
+        """Whether the row has its `max_new_tokens`, or ended at a stop token."""
+        full = state.count - state.prompt_length >= self.max_new_tokens
+        if self.stop_tokens is None:
+            return full
+        return full | self._is_stop(self._last(state))
 
     def new_tokens(self, state: DecodeState) -> Int[Array, " new"]:
-        """The `max_new_tokens` tokens generated after the prompt."""
-        return jax.lax.dynamic_slice_in_dim(
+        """The `max_new_tokens` tokens generated after the prompt; in a row that
+        ended at a stop token, that token repeated after it."""
+        new = jax.lax.dynamic_slice_in_dim(
             state.tokens, state.prompt_length, self.max_new_tokens
+        )
+        if self.stop_tokens is None:
+            return new
+        index = jnp.arange(self.max_new_tokens)
+        return jnp.where(index < self.new_length(state), new, self._last(state))
+
+    def new_length(self, state: DecodeState) -> Int[Array, ""]:
+        """How many of `new_tokens` the row generated: up to and including its stop
+        token, else `max_new_tokens`."""
+        return jnp.minimum(state.count - state.prompt_length, self.max_new_tokens)
+
+    def _last(self, state: DecodeState) -> Int[Array, ""]:
+        return jax.lax.dynamic_index_in_dim(
+            state.tokens, state.count - 1, keepdims=False
         )
