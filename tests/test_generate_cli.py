@@ -36,12 +36,16 @@ def test_generate_prints_the_greedy_text_then_statistics(run, capsys):
     tokens = np.asarray(out.tokens)[0]
     ends = np.flatnonzero(tokens == eqx_mtp.train.EOS_ID)
     expected = eqx_mtp.train.decode_bytes(tokens[: ends[0]] if ends.size else tokens)
+    # The row ends at EOS: the statistics count the tokens up to and including it.
+    count = "9 new tokens"
+    if ends.size:
+        count = f"{ends[0] + 1} new tokens (stopped at the end of the document)"
     assert speculative[0] == expected
     assert plain[0] == expected
-    assert speculative[-4] == "decoding: speculative, 9 new tokens"
+    assert speculative[-4] == f"decoding: speculative, {count}"
     assert speculative[-2].startswith("acceptance per depth: ")
     assert len(speculative[-2].split(": ")[1].split()) == 2
-    assert plain[-3] == "decoding: plain, 9 new tokens"
+    assert plain[-3] == f"decoding: plain, {count}"
     assert plain[-2] == "tokens per trunk forward: 1.00"
 
 
@@ -51,6 +55,7 @@ def test_generate_prints_the_greedy_text_then_statistics(run, capsys):
         (["--prompt", ""], "--prompt: must not be empty"),
         (["--max-new-tokens", "-3"], "--max-new-tokens: must be a positive integer"),
         (["--max-new-tokens", "14"], "exceeds the model's max_seq_len 16"),
+        (["--prompt", "x" * 15], "--prompt: 16 tokens with BOS leave no room"),
         (["--temperature", "-1"], "--temperature: must be a finite number >= 0"),
         (["--temperature", "nan"], "--temperature: must be a finite number >= 0"),
         (["--top-k", "0"], "--top-k: must be a positive integer"),

@@ -33,13 +33,15 @@ class GenerateConfig:
 
 
 def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
-    """`(text, statistics lines)`: the prompt's continuation, cut at the first
-    end-of-document token, and one line per statistic.
+    """`(text, statistics lines)`: the prompt's continuation, decoded until the
+    end-of-document token (which ends the row) or `max_new_tokens`, and one line per
+    statistic, counting the tokens up to and including the end.
 
     **Raises:**
 
     `UserError` for bad input: no checkpoint in the run, an empty prompt, a negative
-    count, a prompt and count beyond the model's `max_seq_len`.
+    count, a prompt that fills the model's `max_seq_len`, a prompt and count beyond
+    it.
     """
     if not config.prompt:
         raise UserError("--prompt: must not be empty")
@@ -70,6 +72,11 @@ def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
         )
     prompt = encode_document(config.prompt)[:-1]  # BOS and the bytes, no EOS
     longest = model.config.max_seq_len
+    if prompt.shape[0] >= longest:
+        raise UserError(
+            f"--prompt: {prompt.shape[0]} tokens with BOS leave no room for a new "
+            f"token in the model's max_seq_len {longest}"
+        )
     if prompt.shape[0] + config.max_new_tokens > longest:
         raise UserError(
             f"--max-new-tokens: the prompt ({prompt.shape[0]} tokens with BOS) plus "
@@ -83,14 +90,17 @@ def generate_text(config: GenerateConfig) -> tuple[str, list[str]]:
         speculative=config.speculative,
         temperature=config.temperature,
         top_k=config.top_k,
+        stop_tokens=[EOS_ID],
         key=jax.random.key(config.seed),
     )
-    tokens = np.asarray(out.tokens[0])
-    ends = np.flatnonzero(tokens == EOS_ID)
-    text = decode_bytes(tokens[: ends[0]] if ends.size else tokens)
+    length = int(out.lengths[0])
+    tokens = np.asarray(out.tokens[0])[:length]
+    ended = bool(length) and tokens[-1] == EOS_ID
+    text = decode_bytes(tokens[:-1] if ended else tokens)
     mode = "speculative" if out.accepted.shape[1] else "plain"
     lines = [
-        f"decoding: {mode}, {tokens.shape[0]} new tokens",
+        f"decoding: {mode}, {length} new tokens"
+        + (" (stopped at the end of the document)" if ended else ""),
         f"tokens per trunk forward: {out.tokens_per_forward:.2f}",
         f"tokens/s: {out.tokens_per_second:,.1f} (compile {out.compile_seconds:.1f} s "
         "apart)",
