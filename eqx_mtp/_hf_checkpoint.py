@@ -31,8 +31,8 @@ from ._hf_config import (
     family_of,
     model_config_from_hf,
 )
-from ._hf_config_writing import hf_config, infer_family
-from ._hf_families import FAMILIES, METADATA_KEYS, Family
+from ._hf_config_writing import family_named, hf_config
+from ._hf_families import METADATA_KEYS, Family
 from ._hf_names import (
     DEPTH_NAMES,
     Source,
@@ -117,10 +117,7 @@ def _stored_depths(checkpoint: _Checkpoint, hf: dict, layout: str) -> int:
     num_layers = hf.get("num_hidden_layers", 0)
     count = 0
     while True:
-        if layout == "mimo":
-            prefix = f"model.mtp_layers.{count}."
-        else:
-            prefix = f"model.layers.{num_layers + count}."
+        prefix = depth_prefix(layout, num_layers, count) + "."
         if not any(name.startswith(prefix) for name in checkpoint.files):
             return count
         count += 1
@@ -132,7 +129,7 @@ def _depth_overrides(
     """Set the depth options a foreign checkpoint implies (its layout's depth
     inputs, the depths' own final norm) in `overrides`; return how many depths it
     holds."""
-    layout = family.mtp_layout or "deepseek_v3"
+    layout = family.mtp_layout
     stored = _stored_depths(checkpoint, hf, layout)
     announced = hf.get("num_nextn_predict_layers") or 0
     if OUR_SECTION in hf:
@@ -238,7 +235,7 @@ def _check_all_read(
 ) -> None:
     unread = sorted(set(checkpoint.files) - checkpoint.read)
     copies = copies_of(config, family)
-    layout = family.mtp_layout or "deepseek_v3"
+    layout = family.mtp_layout
     leftover = []
     for name in unread:
         if name.endswith("rotary_emb.inv_freq"):
@@ -318,7 +315,7 @@ def save_hf_checkpoint(
     if not isinstance(model, MTPModel):
         raise TypeError(f"model must be an eqx_mtp.MTPModel, got {type(model)}")
     hf = hf_config(model.config, family=family)
-    chosen = FAMILIES[infer_family(model.config) if family is None else family]
+    chosen = family_named(family, model.config)
     _warn_foreign_depth_inputs(model.config, chosen)
     tensors = model_tensors(model, family=chosen.name, dtype=dtype)
     directory.mkdir(parents=True, exist_ok=True)
@@ -350,7 +347,7 @@ def save_hf_checkpoint(
 def _warn_foreign_depth_inputs(config: ModelConfig, family: Family) -> None:
     if not config.num_depths or config.mtp_kind != "sequential":
         return
-    layout = family.mtp_layout or "deepseek_v3"
+    layout = family.mtp_layout
     foreign = FOREIGN_DEPTHS[layout]
     expected = (foreign["depth_trunk_input"], foreign["depth_previous_input"])
     ours = (config.depth_trunk_input, config.depth_previous_input)

@@ -334,7 +334,7 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     values |= dict(reader.family.implies)
     if OUR_SECTION not in hf and values["num_depths"]:
         # Foreign depths: a final norm each, and their readers' inputs.
-        values |= FOREIGN_DEPTHS[reader.family.mtp_layout or "deepseek_v3"]
+        values |= FOREIGN_DEPTHS[reader.family.mtp_layout]
     values |= hf.get(OUR_SECTION, {})
     values |= overrides
     try:

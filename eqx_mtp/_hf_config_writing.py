@@ -26,6 +26,18 @@ def infer_family(config: ModelConfig) -> str:
     return "llama"
 
 
+def family_named(family: str | None, config: ModelConfig) -> Family:
+    """The family called `family`, or the plainest that holds `config`'s trunk
+    when it is `None`; another name is a `ValueError` that lists the families."""
+    name = infer_family(config) if family is None else family
+    if name not in FAMILIES:
+        raise ValueError(
+            f"family must be one of {', '.join(map(repr, FAMILIES))} or None, "
+            f"got {family!r}"
+        )
+    return FAMILIES[name]
+
+
 def _check_representable(config: ModelConfig, family: Family) -> None:
     """Refuse, by option and family, a trunk the family's class would compute
     differently."""
@@ -138,13 +150,7 @@ def hf_config(config: ModelConfig, *, family: str | None = None) -> dict:
         A trunk the family computes differently is a `WeightsError` naming the
         option.
     """
-    name = infer_family(config) if family is None else family
-    if name not in FAMILIES:
-        raise ValueError(
-            f"family must be one of {', '.join(map(repr, FAMILIES))} or None, "
-            f"got {family!r}"
-        )
-    chosen = FAMILIES[name]
+    chosen = family_named(family, config)
     _check_representable(config, chosen)
     rope = _rope_dict(config)
     return {

@@ -20,8 +20,9 @@ class Family:
     - `implies`: [`eqx_mtp.ModelConfig`][] fields the family's modeling code fixes.
     - `ignored`: keys its files carry that its modeling code never reads.
     - `fused`: its attention and MLP input projections are stored fused (Phi-3).
-    - `mtp_layout`: where its checkpoints keep MTP depths (`None`: DeepSeek-V3's
-        names, written only by us).
+    - `mtp_layout`: where its checkpoints keep MTP depths: `"deepseek_v3"` (those
+        names after the trunk's layers; written only by us for these families) or
+        `"mimo"`.
     """
 
     name: str
@@ -32,7 +33,7 @@ class Family:
     implies: types.MappingProxyType
     ignored: frozenset[str] = frozenset()
     fused: bool = False
-    mtp_layout: str | None = None
+    mtp_layout: str = "deepseek_v3"
 
 
 # Keys every family reads and we interpret: the sizes, the norm, RoPE, the head.
@@ -259,7 +260,3 @@ REFUSED_MODEL_TYPES = {
     "olmo": "OLMo-1 (non-parametric layer norm)",
     "phi": "Phi-1/2 (LayerNorm, partial RoPE, GeLU)",
 }
-
-# Where a checkpoint's MTP depths live, and the depth inputs of the implementation
-# that reads each layout (see docs/weights.md for the sources).
-MTP_LAYOUTS = ("deepseek_v3", "mimo")

@@ -13,8 +13,8 @@ import numpy as np
 
 from ._config import ModelConfig
 from ._hf_config import WeightsError
-from ._hf_config_writing import infer_family
-from ._hf_families import FAMILIES, Family
+from ._hf_config_writing import family_named
+from ._hf_families import Family
 from ._model import MTPModel
 
 # A depth's own fields -> their names in each layout.
@@ -110,7 +110,7 @@ def path_name(path) -> str:
 def sources_of(path: str, config: ModelConfig, family: Family) -> list[Source] | Source:
     """The checkpoint source(s) of the array leaf at `path` in an `MTPModel`: a
     list, one per slice of the leading axis, for stacked leaves; one otherwise."""
-    layout = family.mtp_layout or "deepseek_v3"
+    layout = family.mtp_layout
     blocks = block_names(family, config)
     if path == "trunk.embedding":
         return Source("model.embed_tokens.weight")
@@ -129,9 +129,9 @@ def sources_of(path: str, config: ModelConfig, family: Family) -> list[Source] |
         return [within(prefix, source) for prefix in depth_prefixes]
     if path.startswith("depths.depths."):
         field = path.removeprefix("depths.depths.")
-        source = Source(DEPTH_NAMES[layout][field], swap_halves=layout == "mimo")
-        if field != "eh_proj.weight":
-            source = dataclasses.replace(source, swap_halves=False)
+        # MiMo's projection reads [hidden ; embedding], the other way round.
+        swap = layout == "mimo" and field == "eh_proj.weight"
+        source = Source(DEPTH_NAMES[layout][field], swap_halves=swap)
         return [within(prefix, source) for prefix in depth_prefixes]
     if path.startswith("depths.shared_layer."):
         if layout == "mimo":
@@ -159,16 +159,6 @@ def named_leaves(model, family: Family) -> Iterator[tuple[str, object, object]]:
     for path, leaf in leaves:
         name = path_name(path)
         yield name, sources_of(name, model.config, family), leaf
-
-
-def family_named(family: str | None, config: ModelConfig) -> Family:
-    name = infer_family(config) if family is None else family
-    if name not in FAMILIES:
-        raise ValueError(
-            f"family must be one of {', '.join(map(repr, FAMILIES))} or None, "
-            f"got {family!r}"
-        )
-    return FAMILIES[name]
 
 
 def swapped(array: np.ndarray) -> np.ndarray:
@@ -216,20 +206,13 @@ def model_tensors(
             else pieces[0][1]
         )
     config = model.config
-    if (
-        config.num_depths
-        and not config.depth_final_norm
-        and config.mtp_kind == ("sequential")
-    ):
-        layout = chosen.mtp_layout or "deepseek_v3"
-        norm = tensors["model.norm.weight"]
+    sequential = config.mtp_kind == "sequential"
+    if config.num_depths and sequential and not config.depth_final_norm:
+        layout = chosen.mtp_layout
+        norm_name = DEPTH_NAMES[layout]["norm.weight"]
         for k in range(config.num_depths):
-            name = (
-                depth_prefix(layout, config.num_layers, k)
-                + "."
-                + (DEPTH_NAMES[layout]["norm.weight"])
-            )
-            tensors[name] = norm.copy()
+            prefix = depth_prefix(layout, config.num_layers, k)
+            tensors[f"{prefix}.{norm_name}"] = tensors["model.norm.weight"].copy()
     return tensors
 
 
@@ -247,7 +230,7 @@ def copies_of(config: ModelConfig, family: Family) -> dict[str, str]:
     model's `lm_head` is the embedding."""
     head = "model.embed_tokens.weight" if config.tie_embeddings else "lm_head.weight"
     copies = {"lm_head.weight": "model.embed_tokens.weight"}
-    layout = family.mtp_layout or "deepseek_v3"
+    layout = family.mtp_layout
     for k in range(config.num_depths):
         prefix = depth_prefix(layout, config.num_layers, k)
         copies[f"{prefix}.embed_tokens.weight"] = "model.embed_tokens.weight"

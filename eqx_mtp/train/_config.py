@@ -174,22 +174,6 @@ DEFAULT_MODEL = ModelConfig(
 )
 # Set by `--init-from`'s config.json, not by the job's flags.
 TRUNK_SHAPE = ("dim", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
-# Set by the job whatever shapes the trunk: the depths, and how a step is computed.
-JOB_MODEL_FIELDS = (
-    "num_depths",
-    "mtp_kind",
-    "mtp_block",
-    "depth_final_norm",
-    "shared_depth_layer",
-    "depth_trunk_input",
-    "depth_previous_input",
-    "remat",
-    "attention_impl",
-    "attention_block_size",
-    "compute_dtype",
-    "train_depths_only",
-)
-
 # What a checkpoint's stored depths are: kept from it unless the job asks otherwise.
 DEPTH_SHAPE = (
     "num_depths",
@@ -199,6 +183,14 @@ DEPTH_SHAPE = (
     "shared_depth_layer",
     "depth_trunk_input",
     "depth_previous_input",
+)
+# Set by the job whatever shapes the trunk: the depths, and how a step is computed.
+JOB_MODEL_FIELDS = DEPTH_SHAPE + (
+    "remat",
+    "attention_impl",
+    "attention_block_size",
+    "compute_dtype",
+    "train_depths_only",
 )
 
 
