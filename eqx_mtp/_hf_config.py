@@ -118,7 +118,7 @@ def _check_keys(reader: _Reader) -> None:
     for key, value in reader.hf.items():
         if key in family.ignored:
             continue
-        if key in REQUIRED_VALUES and (key in family.keys or key not in SIZE_KEYS):
+        if key in REQUIRED_VALUES:
             if value not in (REQUIRED_VALUES[key], None):
                 reader.refuse(key, "is not supported by the eqx_mtp trunk")
             continue

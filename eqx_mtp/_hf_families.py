@@ -130,7 +130,6 @@ METADATA_KEYS = frozenset(
 REQUIRED_VALUES = {
     "attention_bias": False,  # Llama's and Qwen3's bias on q, k, v *and* o
     "mlp_bias": False,
-    "partial_rotary_factor": 1.0,
     "pruned_heads": {},
 }
 _WINDOW_KEYS = frozenset(
