@@ -6,7 +6,7 @@ import sys
 
 import eqx_mtp
 
-APPLICATION_ONLY = ("orbax", "grain", "tqdm", "matplotlib")
+APPLICATION_ONLY = ("orbax", "grain", "tqdm", "matplotlib", "tokenizers")
 
 
 def test_import_loads_no_application_dependency():

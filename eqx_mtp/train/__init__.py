@@ -19,7 +19,9 @@ from ._data import (
     BYTE_VOCAB_SIZE as BYTE_VOCAB_SIZE,
     EOS_ID as EOS_ID,
     PAD_ID as PAD_ID,
+    ByteTokenizer as ByteTokenizer,
     DataError as DataError,
+    PromptCompletion as PromptCompletion,
     TokenIds as TokenIds,
     TrainBatches as TrainBatches,
     decode_bytes as decode_bytes,
@@ -30,8 +32,13 @@ from ._data import (
     split_documents as split_documents,
 )
 from ._eval import evaluate as evaluate
+from ._framing import Framing as Framing
 from ._job import train as train
 from ._preemption import EXIT_PREEMPTED as EXIT_PREEMPTED, Preempted as Preempted
+from ._text_tokenizer import (
+    TextTokenizer as TextTokenizer,
+    TokenizerError as TokenizerError,
+)
 from ._train_step import (
     accumulated_loss_and_grad as accumulated_loss_and_grad,
     make_optimizer as make_optimizer,

@@ -37,6 +37,26 @@ class TokenIds(bytes):
         return np.frombuffer(self, "<i4").astype(np.int32)
 
 
+class PromptCompletion(bytes):
+    """A document given as a prompt and its completion (a `.jsonl` line's `prompt`
+    and `completion` fields, as TRL's SFT datasets hold them): it trains on the
+    completion only. Held as the UTF-8 JSON of `[prompt, completion]`, so that it
+    hashes, splits and orders like a text document, and two pairs that join to the same
+    text but split it elsewhere differ.
+
+    `PromptCompletion.of(prompt, completion)` builds one; `.parts()` gives the two
+    strings back.
+    """
+
+    @classmethod
+    def of(cls, prompt: str, completion: str) -> PromptCompletion:
+        return cls(json.dumps([prompt, completion], ensure_ascii=False).encode("utf-8"))
+
+    def parts(self) -> tuple[str, str]:
+        prompt, completion = json.loads(self.decode("utf-8"))
+        return prompt, completion
+
+
 def _is_utf8(data: bytes) -> bool:
     try:
         data.decode("utf-8")
@@ -107,24 +127,39 @@ def _jsonl_documents(path: str) -> list[bytes]:
                 record = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{where}: expected a JSON object ({e})") from None
-            if isinstance(record, dict) and "tokens" in record:
-                kinds.add("tokens")
-                documents.append(_token_document(record["tokens"], where))
-            else:
-                kinds.add("text")
-                text = record.get("text") if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise DataError(
-                        f"{where}: expected a JSON object with a string 'text' field "
-                        "or a 'tokens' list of token ids"
-                    )
-                documents.append(text.encode("utf-8", errors="replace"))
+            kind, document = _jsonl_document(record, where)
+            kinds.add(kind)
             if len(kinds) > 1:
                 raise DataError(
-                    f"{where}: mixes 'text' and 'tokens' documents; a corpus is one "
-                    "or the other"
+                    f"{where}: mixes {' and '.join(sorted(kinds))} documents; a "
+                    "corpus is of one kind"
                 )
+            documents.append(document)
     return [d for d in documents if d]
+
+
+def _jsonl_document(record: Any, where: str) -> tuple[str, bytes]:
+    """`(kind, document)` of one `.jsonl` line: `'tokens'`, `'prompt/completion'` or
+    `'text'`."""
+    if isinstance(record, dict) and "tokens" in record:
+        return "tokens", _token_document(record["tokens"], where)
+    if isinstance(record, dict) and ("prompt" in record or "completion" in record):
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if not (isinstance(prompt, str) and isinstance(completion, str)):
+            raise DataError(
+                f"{where}: expected string 'prompt' and 'completion' fields (TRL's "
+                "prompt-completion format; conversational messages are not read)"
+            )
+        if not completion:
+            return "prompt/completion", b""  # nothing to train on
+        return "prompt/completion", PromptCompletion.of(prompt, completion)
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        raise DataError(
+            f"{where}: expected a JSON object with a string 'text' field, string "
+            "'prompt' and 'completion' fields, or a 'tokens' list of token ids"
+        )
+    return "text", text.encode("utf-8", errors="replace")
 
 
 def _token_document(tokens: Any, where: str) -> TokenIds:
@@ -155,10 +190,12 @@ def load_documents(path: str | os.PathLike | None = None) -> list[bytes]:
             whitespace). Each document is its run of non-blank lines joined by `\\n`,
             without the final newline.
         - a `.jsonl` file: one document per line, the line's string `text` field
-            encoded as UTF-8, or its `tokens` field, a list of token ids of the
-            tokenizer of a model loaded with `--init-from` (each such document a
-            [`eqx_mtp.train.TokenIds`][]). A file holds one kind. Blank lines are
-            skipped.
+            encoded as UTF-8; or its string `prompt` and `completion` fields, which
+            train on the completion only (each such document a
+            [`eqx_mtp.train.PromptCompletion`][]; a line with an empty completion
+            is dropped); or its `tokens` field, a list of token ids of the model's
+            tokenizer (each such document a [`eqx_mtp.train.TokenIds`][]). A file
+            holds one kind. Blank lines are skipped.
 
     Files are read as bytes and kept byte for byte (apart from the `.txt` separators);
     empty documents are dropped. Directory walks follow sorted paths.
@@ -170,7 +207,8 @@ def load_documents(path: str | os.PathLike | None = None) -> list[bytes]:
     **Raises:**
 
     `DataError` when the path is missing or of an unsupported kind, a `.jsonl` line is
-    not an object with a string `text` field, or no non-empty document is found.
+    not an object of one of the kinds above (or the file mixes kinds), or no
+    non-empty document is found.
     """
     if path is None:
         where = f"the standard library at {sysconfig.get_paths()['stdlib']}"

@@ -1,5 +1,5 @@
-"""Byte-level data: tokens, held-out split, packing and grain batches (reading a
-corpus is `_corpus.py`'s)."""
+"""Data: held-out split, packing and grain batches of encoded documents (reading a
+corpus is `_corpus.py`'s, encoding a tokenizer's)."""
 
 from __future__ import annotations
 
@@ -10,68 +10,36 @@ from typing import Any
 import grain
 import numpy as np
 from jaxtyping import Int
-from numpy.typing import ArrayLike
 
-from ._corpus import DataError, TokenIds, load_documents
+from ._byte_tokenizer import (
+    BOS_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_ID,
+    PAD_ID,
+    ByteTokenizer,
+    decode_bytes,
+    encode_document,
+)
+from ._corpus import DataError, PromptCompletion, TokenIds, load_documents
+from ._framing import Framed
 
-__all__ = ["DataError", "TokenIds", "load_documents"]
-
-PAD_ID = 256
-"""The byte tokenizer's padding id: the filler of a packed row's tail (segment id 0,
-which carries no loss)."""
-BOS_ID = 257
-"""The byte tokenizer's beginning-of-document id; a prompt to
-[`eqx_mtp.generate`][] starts with it, as the documents it was trained on do."""
-EOS_ID = 258
-"""The byte tokenizer's end-of-document id; `eqx-mtp generate` cuts its continuation
-at the first one."""
-BYTE_VOCAB_SIZE = 259
-"""The byte tokenizer's vocabulary: the 256 bytes, then `PAD_ID`, `BOS_ID`,
-`EOS_ID`."""
+__all__ = [
+    "BOS_ID",
+    "BYTE_VOCAB_SIZE",
+    "EOS_ID",
+    "PAD_ID",
+    "ByteTokenizer",
+    "DataError",
+    "PromptCompletion",
+    "TokenIds",
+    "decode_bytes",
+    "encode_document",
+    "load_documents",
+]
 
 _PACKED_KEYS = ("tokens", "segment_ids", "positions")
-
-
-def encode_document(text: bytes | str) -> Int[np.ndarray, " length"]:
-    """Byte-level token ids of one document, framed by `BOS_ID` and `EOS_ID`.
-
-    **Arguments:**
-
-    - `text`: the document; a `str` is encoded as UTF-8 first.
-
-    **Returns:**
-
-    An int32 array `[BOS_ID, byte_0, ..., byte_{n-1}, EOS_ID]` of length `n + 2`.
-    """
-    if isinstance(text, str):
-        text = text.encode("utf-8")
-    body = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
-    return np.concatenate(
-        [np.array([BOS_ID], np.int32), body, np.array([EOS_ID], np.int32)]
-    )
-
-
-def decode_bytes(ids: ArrayLike) -> str:
-    """Text of a sequence of byte-level token ids.
-
-    **Arguments:**
-
-    - `ids`: a one-dimensional sequence of token ids. Ids outside `[0, 256)` (the
-        special tokens, or ids of a vocabulary padded beyond `BYTE_VOCAB_SIZE`) are
-        dropped.
-
-    **Returns:**
-
-    The remaining bytes decoded as UTF-8, invalid sequences replaced by U+FFFD.
-    """
-    array = np.asarray(ids)
-    if array.ndim != 1:
-        raise DataError(
-            f"decode_bytes expects a 1-D sequence of ids, got shape {array.shape}"
-        )
-    array = array.astype(np.int64)
-    byte_ids = array[(array >= 0) & (array < 256)].astype(np.uint8)
-    return byte_ids.tobytes().decode("utf-8", errors="replace")
+# What a tokenizer may give besides the ids, laid out like them; their filler.
+_PARALLEL_KEYS = {"loss_mask": False, "token_bytes": 0}
 
 
 def is_token_corpus(documents: Sequence[bytes]) -> bool:
@@ -197,16 +165,33 @@ def pack_documents(
     return {k: v.reshape(num_rows, seq_len) for k, v in packed.items()}
 
 
-def _pad_id(documents: Sequence[bytes]) -> int:
-    return 0 if is_token_corpus(documents) else PAD_ID
+def _pad_id(documents: Sequence[bytes], tokenizer: Framed) -> int:
+    return 0 if is_token_corpus(documents) else tokenizer.pad_id
 
 
-def _pack_text(documents: Sequence[bytes], seq_len: int) -> dict[str, np.ndarray]:
-    """Text documents byte-encoded and framed; token documents as they are."""
-    arrays = [
-        d.ids() if isinstance(d, TokenIds) else encode_document(d) for d in documents
-    ]
-    return pack_documents(arrays, seq_len, pad_id=_pad_id(documents))
+def _pack(
+    documents: Sequence[bytes],
+    seq_len: int,
+    tokenizer: Framed | None,
+    *,
+    with_bytes: bool = False,
+) -> dict[str, np.ndarray]:
+    """Documents encoded and framed by `tokenizer` (default: bytes), token documents
+    as they are, packed; a pair's `loss_mask` and, `with_bytes`, each token's
+    `token_bytes` laid out like the tokens."""
+    tokenizer = tokenizer or ByteTokenizer()
+    encoded = tokenizer.encode_documents(documents, with_bytes=with_bytes)
+    packed = pack_documents(
+        [e["tokens"] for e in encoded], seq_len, pad_id=_pad_id(documents, tokenizer)
+    )
+    shape = packed["tokens"].shape
+    for key, fill in _PARALLEL_KEYS.items():
+        if encoded and key in encoded[0]:
+            stream = np.concatenate([e[key] for e in encoded])
+            laid_out = np.full(shape[0] * shape[1], fill, stream.dtype)
+            laid_out[: stream.size] = stream
+            packed[key] = laid_out.reshape(shape)
+    return packed
 
 
 class TrainBatches(Iterator[dict[str, np.ndarray]]):
@@ -219,8 +204,10 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
     epoch to epoch.
 
     Iterate it (`next(batches)`) for dicts of int32 `[batch_size, seq_len]` arrays
-    `tokens`, `segment_ids` and `positions` (see `pack_documents`). `get_state()` and
-    `set_state(state)` save and restore the position in the stream.
+    `tokens`, `segment_ids` and `positions` (see `pack_documents`), and for
+    prompt/completion pairs the boolean `loss_mask` (which tokens may be targets).
+    `get_state()` and `set_state(state)` save and restore the position in the
+    stream.
     """
 
     seq_len: int
@@ -239,6 +226,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
         seed: int = 0,
         rows: Sequence[int] | None = None,
         columns: slice | None = None,
+        tokenizer: Framed | None = None,
     ):
         """**Arguments:**
 
@@ -251,6 +239,9 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
             only its share of each global batch this way; the stream, and so
             `get_state()`, is the same in every process.
         - `columns`: which part of the sequence axis to materialise; default all.
+        - `tokenizer`: what encodes and frames text documents: an
+            [`eqx_mtp.train.TextTokenizer`][], or `None` for bytes
+            ([`eqx_mtp.train.encode_document`][]).
 
         **Raises:**
 
@@ -266,7 +257,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
             range(len(documents)),
             key=lambda i: _seeded_digest(seed, b"order", documents[i]),
         )
-        self.rows = _pack_text([documents[i] for i in order], seq_len)
+        self.rows = _pack([documents[i] for i in order], seq_len, tokenizer)
         self.epoch_rows = len(self.rows["tokens"])
         if self.epoch_rows < batch_size:
             raise DataError(
@@ -290,7 +281,7 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
 
         def materialise(index):
             index = index[selected]
-            return {k: packed[k][index, columns] for k in _PACKED_KEYS}
+            return {k: v[index, columns] for k, v in packed.items()}
 
         dataset = (
             grain.MapDataset.range(self.epoch_rows)
@@ -344,7 +335,11 @@ class TrainBatches(Iterator[dict[str, np.ndarray]]):
 
 
 def eval_batches(
-    documents: Sequence[bytes], *, seq_len: int, batch_size: int
+    documents: Sequence[bytes],
+    *,
+    seq_len: int,
+    batch_size: int,
+    tokenizer: Framed | None = None,
 ) -> list[dict[str, Int[np.ndarray, "batch seq"]]]:
     """Every held-out document, packed in order and cut into full batches.
 
@@ -353,29 +348,32 @@ def eval_batches(
     - `documents`: the raw held-out documents, at least one.
     - `seq_len`: the row length, positive.
     - `batch_size`: rows per batch, positive.
+    - `tokenizer`: as for [`eqx_mtp.train.TrainBatches`][].
 
     **Returns:**
 
     A list of dicts of int32 `[batch_size, seq_len]` arrays `tokens`, `segment_ids`
-    and `positions` (see `pack_documents`). The last batch is completed with padding
-    rows (`PAD_ID`, or 0 for token documents; segment `0`, position `0`), which
-    carry no loss.
+    and `positions` (see `pack_documents`); for text, `token_bytes` (the UTF-8 bytes
+    each token covers, for bits per byte); for prompt/completion pairs, the boolean
+    `loss_mask`. The last batch is completed with padding rows (the tokenizer's pad
+    id, or 0 for token documents; segment `0`, position `0`), which carry no loss.
     """
     if batch_size < 1:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     if not documents:
         raise DataError("eval_batches needs at least one document, got none")
-    rows = _pack_text(documents, seq_len)
+    rows = _pack(documents, seq_len, tokenizer, with_bytes=True)
     num_rows = len(rows["tokens"])
     num_padding_rows = -num_rows % batch_size
-    padding_values = {"tokens": _pad_id(documents), "segment_ids": 0, "positions": 0}
+    pad_id = _pad_id(documents, tokenizer or ByteTokenizer())
+    fillers = {"tokens": pad_id, "segment_ids": 0, "positions": 0} | _PARALLEL_KEYS
     padded = {
         k: np.concatenate(
-            [rows[k], np.full((num_padding_rows, seq_len), padding_values[k], np.int32)]
+            [v, np.full((num_padding_rows, seq_len), fillers[k], v.dtype)]
         )
-        for k in _PACKED_KEYS
+        for k, v in rows.items()
     }
     return [
-        {k: padded[k][start : start + batch_size] for k in _PACKED_KEYS}
+        {k: v[start : start + batch_size] for k, v in padded.items()}
         for start in range(0, num_rows + num_padding_rows, batch_size)
     ]

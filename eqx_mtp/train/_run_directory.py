@@ -10,7 +10,10 @@ import pathlib
 
 import jax
 
+from ._byte_tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer
 from ._config import UserError
+from ._framing import Framed
+from ._text_tokenizer import TextTokenizer
 
 RUNS = pathlib.Path("runs")
 
@@ -124,3 +127,25 @@ def format_summary(summary: dict) -> str:
         agree = "—" if k == 0 else f"{agreement:.3f}"
         lines.append(f"| {k} | t+{k + 1} | {loss:.3f} | {accuracy:.3f} | {agree} |")
     return "\n".join(lines)
+
+
+RUN_TOKENIZER = "tokenizer"
+"""The folder of a run directory that holds the files of the tokenizer it trained
+with (none for a byte-level run)."""
+
+
+def run_tokenizer(run: pathlib.Path, vocab_size: int) -> Framed | None:
+    """The tokenizer a run trained with: the one kept in its `tokenizer/` folder,
+    else the byte-level one for a model of the byte vocabulary; `None` for a run on
+    token ids whose tokenizer is unknown.
+
+    **Raises:**
+
+    `TokenizerError` when the kept tokenizer does not read.
+    """
+    kept = run / RUN_TOKENIZER
+    if kept.is_dir():
+        return TextTokenizer.load(kept)
+    if vocab_size == BYTE_VOCAB_SIZE:
+        return ByteTokenizer()
+    return None
