@@ -66,10 +66,13 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """The corpus (`path`, see [`eqx_mtp.train.load_documents`][]; `None` is the
-    standard library's `.py` files), the rows it is packed into, and the share held
-    out for evaluation."""
+    standard library's `.py` files), the tokenizer that encodes its text
+    (`tokenizer`, see [`eqx_mtp.train.TextTokenizer.load`][]; `None`: the
+    `--init-from` checkpoint's, else bytes), the rows it is packed into, and the
+    share held out for evaluation."""
 
     path: str | None = None
+    tokenizer: str | None = None
     seq_len: int = 256
     batch_size: int = 12
     micro_batches: int = 1
@@ -82,6 +85,11 @@ class DataConfig:
             raise UserError(
                 "--data must name a directory, a .txt or a .jsonl file, got an empty "
                 "string; leave --data out for the default corpus"
+            )
+        if self.tokenizer == "":
+            raise UserError(
+                "--tokenizer must name a tokenizer.json or a directory holding one, "
+                "got an empty string"
             )
         if self.batch_size % self.micro_batches:
             raise UserError(
@@ -204,9 +212,10 @@ class TrainConfig:
     - `model`: the [`eqx_mtp.ModelConfig`][] trained; with `init_from`, the one its
         `config.json` gives (the trunk's shape and vocabulary), with this job's depths
         and step options.
-    - `init_from`: a Hugging Face Llama-family checkpoint directory to start from (see
-        [`eqx_mtp.interop.load_hf_checkpoint`][]); the documents are then token ids (a
-        `.jsonl` with a `tokens` field).
+    - `init_from`: a Hugging Face checkpoint directory to start from (see
+        [`eqx_mtp.interop.load_hf_checkpoint`][]); its tokenizer encodes the text
+        unless `data.tokenizer` names another, and a corpus of token ids (a `.jsonl`
+        with a `tokens` field) is read as it is.
     - `objective`: an `eqx_mtp.train.ObjectiveConfig`.
     - `optimizer`: an `eqx_mtp.train.OptimizerConfig`.
     - `data`: an `eqx_mtp.train.DataConfig`.
@@ -279,7 +288,7 @@ class TrainConfig:
             for name, fields in sections.items()
             if name != "model"
         }
-        model = _model_config(sections["model"], init_from, built["data"].seq_len)
+        model = _model_config(sections["model"], init_from, built["data"])
         return cls(model=model, init_from=init_from, **built)
 
 
@@ -323,16 +332,38 @@ def _model_error(error: ValueError) -> UserError:
 
 
 def _model_config(
-    given: dict[str, Any], init_from: str | None, seq_len: int
+    given: dict[str, Any], init_from: str | None, data: DataConfig
 ) -> ModelConfig:
-    """The model: the byte-level default with `given` fields, or `init_from`'s."""
+    """The model: `init_from`'s, or the byte-level default with `given` fields (the
+    vocabulary of `data.tokenizer`'s where there is one)."""
     if init_from is not None:
         return _pretrained_config(given, init_from)
-    values = DEFAULT_MODEL.to_dict() | dict(max_seq_len=seq_len, head_dim=None) | given
+    defaults = dict(max_seq_len=data.seq_len, head_dim=None)
+    if data.tokenizer is not None:
+        defaults["vocab_size"] = tokenizer_vocab_size(data.tokenizer, given)
+    values = DEFAULT_MODEL.to_dict() | defaults | given
     try:
         return ModelConfig.from_dict(values)
     except ValueError as error:
         raise _model_error(error) from None
+
+
+def tokenizer_vocab_size(path: str, given: dict[str, Any]) -> int:
+    """The vocabulary of a fresh model for the tokenizer at `path`: the tokenizer's,
+    or a larger `vocab_size` given (padding)."""
+    from ._text_tokenizer import TextTokenizer, TokenizerError
+
+    try:
+        needed = TextTokenizer.load(path).vocab_size
+    except TokenizerError as error:
+        raise UserError(f"--tokenizer: {error}") from None
+    asked = given.get("vocab_size", needed)
+    if asked < needed:
+        raise UserError(
+            f"--vocab-size={asked} is smaller than the vocabulary of --tokenizer "
+            f"{path} ({needed} ids)"
+        )
+    return asked
 
 
 def _pretrained_config(given: dict[str, Any], init_from: str) -> ModelConfig:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Int
+from jaxtyping import Array, Bool, Int
 
 from .._mesh import batch_sharding
 from .._model import MTPModel
@@ -43,12 +43,16 @@ def batch_statistics(
     segment_ids: Int[Array, "batch seq"],
     positions: Int[Array, "batch seq"] | None = None,
     mesh: Mesh | None = None,
-) -> Array:
-    """`[num_depths + 1, 4]` sums for one batch: loss, correct, agree, count.
+    loss_mask: Bool[Array, "batch seq"] | None = None,
+    token_bytes: Int[Array, "batch seq"] | None = None,
+) -> tuple[Array, Array]:
+    """`[num_depths + 1, 4]` sums for one batch (loss, correct, agree, count), and
+    the bytes of the main objective's targets (`0` without `token_bytes`).
 
     Row `k` is depth `k` (row 0 the main objective, whose agreement is with itself).
     Depth `k` at position `i` agrees when its argmax equals the trunk's argmax at
-    `i + k`: both guess `t_{i+k+1}` (teacher-forced agreement).
+    `i + k`: both guess `t_{i+k+1}` (teacher-forced agreement). Only the targets
+    `loss_mask` allows count.
     """
     if positions is None:
         positions = segment_positions(segment_ids)
@@ -58,8 +62,15 @@ def batch_statistics(
     )
     main_logits = trunk.logits(hidden)
     trunk_guess = jnp.argmax(main_logits, axis=-1)
-    targets, valid = depth_targets(tokens, 0, segment_ids=segment_ids)
+    targets, valid = depth_targets(
+        tokens, 0, segment_ids=segment_ids, loss_mask=loss_mask
+    )
     rows = [_depth_statistics(main_logits, targets, valid, trunk_guess)]
+    target_bytes = jnp.zeros((), jnp.float32)
+    if token_bytes is not None:
+        # `valid[i]` counts `t_{i+1}`, so the bytes are read one place ahead.
+        ahead = roll_and_mask(token_bytes, -1)
+        target_bytes = jnp.sum(jnp.where(valid, ahead, 0), dtype=jnp.float32)
     if model.depths is not None:
 
         def readout(k, normed):
@@ -67,7 +78,7 @@ def batch_statistics(
                 normed, trunk.unembedding_matrix.T, preferred_element_type=jnp.float32
             )
             depth_targets_k, depth_valid = depth_targets(
-                tokens, k, segment_ids=segment_ids
+                tokens, k, segment_ids=segment_ids, loss_mask=loss_mask
             )
             trunk_ahead = roll_and_mask(trunk_guess, -k)
             return _depth_statistics(logits, depth_targets_k, depth_valid, trunk_ahead)
@@ -87,10 +98,10 @@ def batch_statistics(
     stats = jnp.concatenate([rows[0][None], *rows[1:]], axis=0)
     if mesh is not None:
         # Replicated, so that every process can read the sums.
-        stats = jax.lax.with_sharding_constraint(
-            stats, NamedSharding(mesh, PartitionSpec())
+        stats, target_bytes = jax.lax.with_sharding_constraint(
+            (stats, target_bytes), NamedSharding(mesh, PartitionSpec())
         )
-    return stats
+    return stats, target_bytes
 
 
 def evaluate(
@@ -104,43 +115,62 @@ def evaluate(
     **Arguments:**
 
     - `model`: the model.
-    - `batches`: dicts with `tokens`, `segment_ids` and optionally `positions`, each
-        `[batch, seq]`; in a multi-process run, every process passes the same batches.
+    - `batches`: dicts with `tokens`, `segment_ids` and optionally `positions`,
+        `loss_mask` (which tokens may be targets) and `token_bytes` (the UTF-8
+        bytes each token covers), each `[batch, seq]`, as
+        [`eqx_mtp.train.eval_batches`][] gives them; in a multi-process run, every
+        process passes the same batches.
     - `mesh`: lay each batch out on this mesh (rows over `data`, sequence over
         `context`), for a model whose arrays live on it.
 
     **Returns:**
 
-    A dict of plain floats/lists: `main_bits_per_byte` (main loss in bits per target
-    token, each token being one byte or a document delimiter), `depth_losses` (nats,
-    index 0 the main objective), `depth_accuracy` (top-1 against the true token),
-    `depth_agreement` (with the trunk's own guess of the same token; 1.0 at index 0)
-    and `tokens` (targets counted at depth 0).
+    A dict of plain floats/lists:
+
+    - `main_bits_per_token`: the main loss in bits per target token.
+    - `main_bits_per_byte`, with `token_bytes` only: the main loss in bits per
+        UTF-8 byte of the targets' text (the byte-level tokenizer counts each
+        document delimiter as a byte, so there it equals `main_bits_per_token`).
+    - `depth_losses`: nats, index 0 the main objective.
+    - `depth_accuracy`: top-1 against the true token.
+    - `depth_agreement`: with the trunk's own guess of the same token; 1.0 at
+        index 0.
+    - `tokens`: targets counted at depth 0; `bytes`, with `token_bytes`, their
+        bytes.
     """
     if mesh is None:
         place = jnp.asarray
     else:
         layout = batch_sharding(mesh)
         place = lambda x: replicated_input(x, layout)  # noqa: E731
-    totals = None
+    optional = lambda name: None if batch.get(name) is None else place(batch[name])  # noqa: E731
+    totals, total_bytes, measures_bytes = None, 0.0, False
     for batch in batches:
-        stats = batch_statistics(
+        stats, target_bytes = batch_statistics(
             model,
             place(batch["tokens"]),
             place(batch["segment_ids"]),
-            None if batch.get("positions") is None else place(batch["positions"]),
+            optional("positions"),
             mesh,
+            optional("loss_mask"),
+            optional("token_bytes"),
         )
         stats = np.asarray(stats, np.float64)
         totals = stats if totals is None else totals + stats
+        total_bytes += float(target_bytes)
+        measures_bytes = measures_bytes or batch.get("token_bytes") is not None
     if totals is None:
         raise ValueError("evaluate: batches is empty; need at least one batch")
     counts = np.maximum(totals[:, 3], 1.0)
     losses = totals[:, 0] / counts
-    return dict(
-        main_bits_per_byte=float(losses[0] / math.log(2)),
+    result = dict(
+        main_bits_per_token=float(losses[0] / math.log(2)),
         depth_losses=[float(x) for x in losses],
         depth_accuracy=[float(x) for x in totals[:, 1] / counts],
         depth_agreement=[float(x) for x in totals[:, 2] / counts],
         tokens=int(totals[0, 3]),
     )
+    if measures_bytes:
+        per_byte = totals[0, 0] / max(total_bytes, 1.0) / math.log(2)
+        result |= dict(main_bits_per_byte=float(per_byte), bytes=int(total_bytes))
+    return result

@@ -25,6 +25,9 @@ from ._config import (
     field_type,
 )
 
+FRAMING = "framing"
+"""The key of a run's `config.json` that states how its tokenizer frames documents."""
+
 
 def _choices(values) -> str:
     return "one of " + ", ".join(values)
@@ -65,9 +68,9 @@ FLAGS: dict[str, dict[str, str]] = {
         "train_depths_only": "freeze the trunk: only the MTP depths learn",
     },
     "init": {
-        "init_from": "start from a Hugging Face Llama-family checkpoint directory "
-        "(config.json + safetensors): it sets the trunk's shape and vocabulary, and "
-        "--data then holds token ids",
+        "init_from": "start from a Hugging Face checkpoint directory (config.json + "
+        "safetensors): it sets the trunk's shape and vocabulary, and its tokenizer "
+        "(tokenizer.json) encodes the text of --data unless --tokenizer is given",
     },
     "objective": {
         "mtp_weight": "λ, the weight of the depths' loss: a float, or a schedule "
@@ -87,8 +90,13 @@ FLAGS: dict[str, dict[str, str]] = {
     },
     "data": {
         "data": "the corpus: a directory of text files, a .txt (documents separated "
-        "by blank lines) or a .jsonl (field 'text', or 'tokens' with --init-from) "
+        "by blank lines) or a .jsonl (a 'text' field; 'prompt' and 'completion', "
+        "trained on the completion only; or 'tokens', ids of the model's tokenizer) "
         "(default: the .py files of this Python's standard library)",
+        "tokenizer": "a Hugging Face tokenizer (a tokenizer.json, or a directory "
+        "holding one with its tokenizer_config.json) to encode the text with; "
+        "without --init-from, a fresh model of its vocabulary is trained (default: "
+        "--init-from's tokenizer, else bytes)",
         "seq_len": "tokens per packed row",
         "batch_size": "rows per step",
         "micro_batches": "gradient accumulation: split each batch into this many parts",
@@ -205,6 +213,8 @@ def _flatten(values: dict[str, Any]) -> dict[str, Any]:
         return flat
     flat = {}
     for key, value in values.items():
+        if key == FRAMING:
+            continue  # the tokenizer's framing, stated for the reader: derived
         if key in SECTIONS and isinstance(value, dict):
             for field, inner in value.items():
                 flat[RENAMED.get((key, field), field)] = inner

@@ -3,12 +3,15 @@ the training and held-out batches, checked against the model."""
 
 from __future__ import annotations
 
+import pathlib
+
 import jax
 from jax.sharding import Mesh
 
 from .._mesh import batch_sharding, make_mesh
 from ._config import TrainConfig, UserError
 from ._data import (
+    ByteTokenizer,
     DataError,
     TrainBatches,
     eval_batches,
@@ -18,6 +21,8 @@ from ._data import (
     split_documents,
 )
 from ._distributed import process_box
+from ._framing import Framed
+from ._text_tokenizer import TOKENIZER_FILE, TextTokenizer, TokenizerError
 
 
 def job_mesh(config: TrainConfig) -> Mesh:
@@ -57,33 +62,63 @@ def _check_batch_fits(config: TrainConfig, mesh: Mesh) -> None:
         )
 
 
-def _check_corpus_fits_model(documents, config: TrainConfig) -> None:
-    tokens = is_token_corpus(documents)
-    if config.init_from is not None and not tokens:
+def job_tokenizer(config: TrainConfig) -> Framed | None:
+    """What encodes the job's text: `--tokenizer`, else the `--init-from`
+    checkpoint's tokenizer (`None` when it has none), else bytes."""
+    path, flag = config.data.tokenizer, "--tokenizer"
+    if path is None and config.init_from is not None:
+        path, flag = config.init_from, "--init-from"
+        if not (pathlib.Path(path) / TOKENIZER_FILE).is_file():
+            return None
+    if path is None:
+        return ByteTokenizer()
+    try:
+        tokenizer = TextTokenizer.load(path)
+    except TokenizerError as error:
+        raise UserError(f"{flag}: {error}") from None
+    vocab_size = config.model.vocab_size
+    if tokenizer.vocab_size > vocab_size:
         raise UserError(
-            "--init-from: a pretrained model reads its own tokenizer's ids; give "
-            "--data as a .jsonl file with a 'tokens' list per line"
+            f"{flag}: the tokenizer {path} knows {tokenizer.vocab_size} ids, more "
+            f"than the model's vocabulary of {vocab_size}"
         )
-    if config.init_from is None and tokens:
+    return tokenizer
+
+
+def _check_corpus_fits_model(
+    documents, config: TrainConfig, tokenizer: Framed | None
+) -> None:
+    tokens = is_token_corpus(documents)
+    if tokenizer is None and not tokens:
         raise UserError(
-            "--data holds token ids ('tokens' fields), which only a model loaded "
-            "with --init-from reads; the byte-level model reads text"
+            f"--tokenizer: --init-from {config.init_from} holds no {TOKENIZER_FILE} "
+            "to encode the text of --data; name a tokenizer, or give --data as a "
+            ".jsonl file with a 'tokens' list per line"
+        )
+    if isinstance(tokenizer, ByteTokenizer) and tokens:
+        raise UserError(
+            "--data holds token ids ('tokens' fields), which only a model with a "
+            "tokenizer (--init-from or --tokenizer) reads; the byte-level model "
+            "reads text"
         )
     largest = max_token_id(documents)
-    if largest >= config.model.vocab_size:
+    if tokens and largest >= config.model.vocab_size:
         raise UserError(
-            f"--data: token id {largest} is outside the vocabulary of "
-            f"{config.model.vocab_size} of --init-from's config.json"
+            f"--data: token id {largest} is outside the model's vocabulary of "
+            f"{config.model.vocab_size}"
         )
 
 
-def job_data(config: TrainConfig, mesh: Mesh) -> tuple[TrainBatches, list]:
-    """This process's training batches and the held-out batches."""
+def job_data(
+    config: TrainConfig, mesh: Mesh, tokenizer: Framed | None
+) -> tuple[TrainBatches, list]:
+    """This process's training batches and the held-out batches, their text encoded
+    by `tokenizer` (see `job_tokenizer`)."""
     try:
         documents = load_documents(config.data.path)
     except DataError as error:
         raise UserError(f"--data: {error}") from None
-    _check_corpus_fits_model(documents, config)
+    _check_corpus_fits_model(documents, config, tokenizer)
     try:
         train_docs, held_out = split_documents(
             documents, eval_fraction=config.data.eval_fraction, seed=config.run.seed
@@ -111,8 +146,9 @@ def job_data(config: TrainConfig, mesh: Mesh) -> tuple[TrainBatches, list]:
             for row in range(local_rows.start, local_rows.stop)
         ],
         columns=local_columns,
+        tokenizer=tokenizer,
     )
     evaluation = eval_batches(
-        held_out, seq_len=data.seq_len, batch_size=data.batch_size
+        held_out, seq_len=data.seq_len, batch_size=data.batch_size, tokenizer=tokenizer
     )[: max(config.run.eval_batches, 1)]
     return batches, evaluation

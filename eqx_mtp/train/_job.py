@@ -27,20 +27,24 @@ from ._config import TrainConfig, UserError
 from ._data import TrainBatches
 from ._distributed import global_array, initialize, is_primary
 from ._eval import evaluate
-from ._flags import RESUMABLE_FIELDS, resume_differences, stored_config
+from ._flags import FRAMING, RESUMABLE_FIELDS, resume_differences, stored_config
+from ._framing import Framed
 from ._init import init_model, init_opt_state, parameter_counts
-from ._inputs import job_data, job_mesh
+from ._inputs import job_data, job_mesh, job_tokenizer
 from ._preemption import Preempted, StopRequests
 from ._run_directory import (
+    RUN_TOKENIZER,
     Discard,
     create_run_directory,
     format_summary,
     has_checkpoints,
     log,
+    main_loss_units,
     open_metrics,
     read_summary,
     run_directory,
 )
+from ._text_tokenizer import TextTokenizer
 from ._train_step import make_optimizer, train_step
 
 DAMAGED_DIRECTORY = "damaged-checkpoints"
@@ -61,6 +65,8 @@ class _Job:
     loss_mesh: Mesh | None
     batches: TrainBatches
     evaluation: list
+    # What encodes the text (`None`: a corpus of token ids, tokenizer unknown).
+    tokenizer: Framed | None
     optimizer: Any
     model: Any
     opt_state: Any
@@ -176,7 +182,8 @@ def job_optimizer(config: TrainConfig, model: MTPModel) -> optax.GradientTransfo
 
 def _build(config, run, mesh, checkpointer, stored) -> _Job:
     """Data, model and optimizer state, fresh or restored from `checkpointer`."""
-    batches, evaluation = job_data(config, mesh)
+    tokenizer = job_tokenizer(config)
+    batches, evaluation = job_data(config, mesh, tokenizer)
     loss_mesh = mesh if mesh.size > 1 else None
     model = init_model(config.model, config.run.seed, loss_mesh, config.init_from)
     optimizer = job_optimizer(config, model)
@@ -192,6 +199,7 @@ def _build(config, run, mesh, checkpointer, stored) -> _Job:
         loss_mesh=loss_mesh,
         batches=batches,
         evaluation=evaluation,
+        tokenizer=tokenizer,
         optimizer=optimizer,
         model=model,
         opt_state=opt_state,
@@ -271,11 +279,18 @@ def _restore(job: _Job) -> None:
 
 
 def _announce(job: _Job, continuing: bool) -> None:
-    """Write the effective config to the run directory and say what starts."""
+    """Write the effective config (and how the tokenizer frames documents) and the
+    tokenizer's files to the run directory, and say what starts."""
     effective = dataclasses.replace(
         job.config, run=dataclasses.replace(job.config.run, directory=str(job.run))
     )
-    write_json(job.run / "config.json", effective.to_dict())
+    written = effective.to_dict()
+    if job.tokenizer is not None:
+        written[FRAMING] = job.tokenizer.describe()
+    if isinstance(job.tokenizer, TextTokenizer) and not continuing:
+        # The run keeps its tokenizer: `generate` and `export` read it from here.
+        job.tokenizer.save(job.run / RUN_TOKENIZER)
+    write_json(job.run / "config.json", written)
     how = (
         f"continuing from the checkpoint of step {job.start_step}"
         if continuing
@@ -425,7 +440,7 @@ def _periodic(job: _Job, step: int, last_step: int, log_file, bar) -> bool:
         eval_loss = result["depth_losses"][0]
         if is_primary():
             bar.write(
-                f"step {step}: eval {result['main_bits_per_byte']:.3f} bits/byte, "
+                f"step {step}: eval {main_loss_units(result)}, "
                 f"depth losses {_format_losses(result['depth_losses'])}"
             )
     saved = bool(run.save_every) and step % run.save_every == 0 and step < last_step

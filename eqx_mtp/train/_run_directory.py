@@ -110,13 +110,25 @@ def read_summary(run: pathlib.Path) -> dict | None:
         return None
 
 
+def main_loss_units(result: dict) -> str:
+    """An eval's main loss in what it measures: bits per byte of text, bits per
+    token, or both where they differ."""
+    per_token = result.get("main_bits_per_token", result.get("main_bits_per_byte"))
+    if "main_bits_per_byte" not in result:
+        return f"{per_token:.3f} bits/token"
+    per_byte = f"{result['main_bits_per_byte']:.3f} bits/byte"
+    if result.get("bytes", result.get("tokens")) == result.get("tokens"):
+        return per_byte  # one token per byte: the same figure
+    return f"{per_byte}, {per_token:.3f} bits/token"
+
+
 def format_summary(summary: dict) -> str:
     """The final eval as a Markdown table: one row per depth."""
     result = summary["eval"]
     lines = [
         f"run {summary['run']}, step {summary['step']}, "
         f"{summary['tokens_per_second'] or 0:,.0f} tokens/s, held-out main loss "
-        f"{result['main_bits_per_byte']:.3f} bits/byte",
+        f"{main_loss_units(result)}",
         "",
         "| depth | predicts | loss (nats) | top-1 accuracy | agreement with trunk |",
         "|---|---|---|---|---|",
