@@ -84,7 +84,7 @@ class ByteTokenizer(Framed):
     def pieces(self, texts, with_bytes):
         pieces = []
         for text in texts:
-            ids = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+            ids = np.frombuffer(text, np.uint8).astype(np.int32)
             pieces.append((ids, np.ones_like(ids) if with_bytes else None))
         return pieces
 

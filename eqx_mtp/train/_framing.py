@@ -43,9 +43,10 @@ class Framed:
     delimiter_bytes: int
 
     def pieces(
-        self, texts: list[str], with_bytes: bool
+        self, texts: list[bytes], with_bytes: bool
     ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """`(ids, token_bytes or None)` of each text, without framing."""
+        """`(ids, token_bytes or None)` of each text (UTF-8 bytes, kept as they are
+        where the tokenizer reads bytes), without framing."""
         raise NotImplementedError
 
     def _frame(self, body: np.ndarray, marker: int | None = None) -> np.ndarray:
@@ -87,14 +88,14 @@ class Framed:
             return [_arrays(d.ids()) for d in documents]
         if documents and isinstance(documents[0], PromptCompletion):
             return self._encode_pairs(documents, with_bytes)
-        texts = [bytes(d).decode("utf-8", errors="replace") for d in documents]
+        texts = [bytes(d) for d in documents]
         return [
             _arrays(self._frame(ids), None, self._framed_bytes(token_bytes))
             for ids, token_bytes in self.pieces(texts, with_bytes)
         ]
 
     def _encode_pairs(self, pairs, with_bytes: bool) -> list[dict[str, np.ndarray]]:
-        texts = [text for pair in pairs for text in pair.parts()]
+        texts = [text.encode("utf-8") for pair in pairs for text in pair.parts()]
         pieces = self.pieces(texts, with_bytes)
         framed = []
         for (prompt, prompt_bytes), (completion, completion_bytes) in zip(
@@ -114,5 +115,5 @@ class Framed:
     def encode_prompt(self, text: str) -> np.ndarray:
         """The int32 ids of a prompt to continue: BOS (when the tokenizer adds one)
         and the text's ids, no EOS."""
-        ((ids, _),) = self.pieces([text], False)
+        ((ids, _),) = self.pieces([text.encode("utf-8")], False)
         return self._frame(ids)[:-1]

@@ -122,6 +122,7 @@ class TextTokenizer(Framed):
         return cls(tokenizer, framing, vocab_size, tuple(files))
 
     def pieces(self, texts, with_bytes):
+        texts = [text.decode("utf-8", errors="replace") for text in texts]
         if not with_bytes:
             encodings = self.tokenizer.encode_batch_fast(
                 texts, add_special_tokens=False
