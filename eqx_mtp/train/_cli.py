@@ -64,6 +64,7 @@ def _add_generate_parser(commands) -> None:
         "--prompt",
         dest="prompts",
         action="append",
+        metavar="TEXT",
         help="a text to continue; repeat it for several",
     )
     parser.add_argument(
@@ -120,8 +121,9 @@ def _add_export_parser(commands) -> None:
         help="write a run's model as a Hugging Face checkpoint",
         description="Write a run's model (its newest checkpoint, or --step) in the "
         "Hugging Face layout of the family it started from (a byte-level run as "
-        "Llama), MTP depths included, with the tokenizer files of its --init-from "
-        "checkpoint beside it. Refuses to overwrite.",
+        "Llama), MTP depths included, with the tokenizer files beside it: those "
+        "of the tokenizer the run trained with, else of its --init-from checkpoint. "
+        "Refuses to overwrite.",
     )
     parser.add_argument(
         "--run",
