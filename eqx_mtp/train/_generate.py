@@ -94,7 +94,9 @@ def generate_text(config: GenerateConfig) -> GeneratedText:
         raise UserError(f"--run: {error}") from None
     tokenizer = _tokenizer(config, run, model.config.vocab_size, stored)
     rows, notes = _encode(prompts, tokenizer, config, model.config)
-    stops = list(tokenizer.framing.stop_ids)
+    # A stop id beyond the model's vocabulary (a --tokenizer larger than the run's)
+    # is one the model never generates.
+    stops = [i for i in tokenizer.framing.stop_ids if i < model.config.vocab_size]
     out = generate(
         model,
         rows,
