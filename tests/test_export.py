@@ -29,13 +29,12 @@ TOKENIZER_JSON = '{"version": "1.0", "model": {"type": "BPE"}}\n'
 
 @pytest.fixture(scope="module")
 def qwen_run(tmp_path_factory):
-    """A tiny Qwen2-style checkpoint with a `tokenizer.json`, and a 2-step run that
-    trained depths on it with the trunk frozen."""
+    """A tiny Qwen2-style checkpoint with a `tokenizer.json`, and a 2-step run on
+    token ids that trained depths on it with the trunk frozen."""
     root = tmp_path_factory.mktemp("export")
     config = family_config("qwen2", layout="v5")
     tensors = random_family_tensors(config, seed=3)
     write_checkpoint(root / "qwen", config, tensors)
-    (root / "qwen" / "tokenizer.json").write_text(TOKENIZER_JSON)
     rng = np.random.default_rng(0)
     lines = [
         json.dumps({"tokens": rng.integers(3, 48, rng.integers(5, 30)).tolist()})
@@ -53,6 +52,9 @@ def qwen_run(tmp_path_factory):
         run=str(root / "run"),
     )
     train(TrainConfig.from_dict(values), progress=False)
+    # Written after training, which would read it: the run keeps no tokenizer, so
+    # the export takes the --init-from checkpoint's files as they are.
+    (root / "qwen" / "tokenizer.json").write_text(TOKENIZER_JSON)
     return root, tensors
 
 

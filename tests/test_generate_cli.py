@@ -53,6 +53,7 @@ def test_generate_prints_the_greedy_text_then_statistics(run, capsys):
     "extra,message",
     [
         (["--prompt", ""], "--prompt: must not be empty"),
+        (["--prompt", "abc", "--prompt", ""], "--prompt 2: must not be empty"),
         (["--max-new-tokens", "-3"], "--max-new-tokens: must be a positive integer"),
         (["--max-new-tokens", "14"], "exceeds the model's max_seq_len 16"),
         (["--prompt", "x" * 15], "--prompt: 16 tokens with BOS leave no room"),
@@ -62,7 +63,8 @@ def test_generate_prints_the_greedy_text_then_statistics(run, capsys):
     ],
 )
 def test_bad_generate_input_is_one_line(run, capsys, extra, message):
-    args = ["generate", "--run", run, "--prompt", "abc", *extra]
+    prompt = [] if "--prompt" in extra else ["--prompt", "abc"]
+    args = ["generate", "--run", run, *prompt, *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("eqx-mtp generate: error:"), err

@@ -11,7 +11,7 @@ from ._config import TrainConfig, UserError
 from ._data import DataError
 from ._export import DTYPES, ExportConfig, export_run
 from ._flags import add_train_flags, load_config_file
-from ._generate import GenerateConfig, generate_text
+from ._generate import GenerateConfig, GeneratedText, generate_text
 from ._job import train
 from ._preemption import EXIT_PREEMPTED, Preempted
 
@@ -43,24 +43,56 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_generate_parser(commands) -> None:
-    defaults = GenerateConfig(run="", prompt="")
+    defaults = GenerateConfig(run="")
     parser = commands.add_parser(
         "generate",
-        help="continue a prompt with a trained run's model",
+        help="continue prompts with a trained run's model",
         description="Greedy or sampled text from a run's newest checkpoint, the MTP "
-        "depths drafting (self-speculative decoding) unless --no-speculative.",
+        "depths drafting (self-speculative decoding) unless --no-speculative. Each "
+        "prompt is encoded with the tokenizer the run trained with (bytes for a "
+        "byte-level run), its continuation ends at the tokenizer's end-of-sequence "
+        "or other stop ids and is printed as text; several prompts decode as one "
+        "batch, each continuation under a '--- prompt N ---' line, the statistics "
+        "once for the batch.",
     )
     parser.add_argument(
         "--run",
         help="run directory (default: the newest run under runs/ that holds a "
         "checkpoint)",
     )
-    parser.add_argument("--prompt", required=True, help="the text to continue")
+    parser.add_argument(
+        "--prompt",
+        dest="prompts",
+        action="append",
+        metavar="TEXT",
+        help="a text to continue; repeat it for several",
+    )
+    parser.add_argument(
+        "--prompts",
+        dest="prompts_file",
+        metavar="FILE",
+        help="a file of prompts, after any --prompt: one per line (blank lines "
+        "skipped), or a .jsonl file of objects with a 'prompt' string",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="encode and decode with this tokenizer (a tokenizer.json or a "
+        "directory holding one) instead of the run's; needed for a run trained on "
+        "token ids without a tokenizer",
+    )
+    parser.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="cut a prompt too long for the model from the left (its beginning-of-"
+        "sequence token kept) to leave room for --max-new-tokens, instead of an "
+        "error",
+    )
     parser.add_argument(
         "--max-new-tokens",
         type=int,
         default=defaults.max_new_tokens,
-        help=f"tokens to generate (default: {defaults.max_new_tokens})",
+        help=f"tokens to generate per prompt (default: {defaults.max_new_tokens})",
     )
     parser.add_argument(
         "--no-speculative",
@@ -89,8 +121,9 @@ def _add_export_parser(commands) -> None:
         help="write a run's model as a Hugging Face checkpoint",
         description="Write a run's model (its newest checkpoint, or --step) in the "
         "Hugging Face layout of the family it started from (a byte-level run as "
-        "Llama), MTP depths included, with the tokenizer files of its --init-from "
-        "checkpoint beside it. Refuses to overwrite.",
+        "Llama), MTP depths included, with the tokenizer files beside it: those "
+        "of the tokenizer the run trained with, else of its --init-from checkpoint. "
+        "Refuses to overwrite.",
     )
     parser.add_argument(
         "--run",
@@ -116,6 +149,20 @@ def _add_export_parser(commands) -> None:
     )
 
 
+def _print_generated(generated: GeneratedText) -> None:
+    """Notes on standard error; the text of one prompt alone, or each prompt's
+    under a header line; then the statistics."""
+    for note in generated.notes:
+        print(f"eqx-mtp generate: note: {note}", file=sys.stderr)
+    several = len(generated.texts) > 1
+    for number, text in enumerate(generated.texts, 1):
+        if several:
+            print(f"--- prompt {number} ---")
+        print(text)
+    for line in generated.statistics:
+        print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `eqx-mtp`; returns the process exit code."""
     args = vars(_parser().parse_args(argv))
@@ -130,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             values.update(args)
             train(TrainConfig.from_dict(values), progress=progress)
         elif command == "generate":
-            text, statistics = generate_text(GenerateConfig(**args))
-            print(text)
-            for line in statistics:
-                print(line)
+            _print_generated(generate_text(GenerateConfig(**args)))
         elif command == "export":
             for line in export_run(ExportConfig(**args)):
                 print(line)

@@ -19,18 +19,12 @@ from .._hf_families import FAMILIES
 from ._checkpoint import Checkpointer, CheckpointError
 from ._config import UserError
 from ._data import BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, PAD_ID
-from ._run_directory import has_checkpoints, newest_run_with_a_checkpoint
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
+from ._run_directory import (
+    RUN_TOKENIZER,
+    has_checkpoints,
+    newest_run_with_a_checkpoint,
 )
-"""A checkpoint directory's tokenizer files, copied as they are."""
+from ._text_tokenizer import TOKENIZER_FILES, TextTokenizer, TokenizerError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -64,7 +58,8 @@ class _Origin:
 
 def export_run(config: ExportConfig) -> list[str]:
     """Write a run's model as a Hugging Face checkpoint of its family, with the
-    tokenizer files of the checkpoint it started from.
+    tokenizer files of the run (those it trained with, kept in its `tokenizer/`
+    folder) or else of the checkpoint it started from.
 
     **Arguments:**
 
@@ -96,7 +91,7 @@ def export_run(config: ExportConfig) -> list[str]:
         )
     run = pathlib.Path(config.run or newest_run_with_a_checkpoint("--run"))
     step, model, stored = _restore(run, config.step)
-    origin = _origin(model, stored, config.family)
+    origin = _origin(model, stored, config.family, run / RUN_TOKENIZER)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -120,7 +115,9 @@ def export_run(config: ExportConfig) -> list[str]:
         f"{config.dtype}, {depths} MTP depth{'s' if depths != 1 else ''}"
     ]
     if copied:
-        lines.append(f"tokenizer files: {', '.join(copied)}")
+        lines.append(
+            f"tokenizer files from {origin.tokenizer_directory}: {', '.join(copied)}"
+        )
     elif origin.init_from is None and model.config.vocab_size == BYTE_VOCAB_SIZE:
         lines.append("no tokenizer files: a byte-level run's ids are its bytes")
     elif origin.init_from is None:
@@ -165,9 +162,31 @@ def _restore(run: pathlib.Path, step: int | None):
     return restored.step, restored.model, restored.config
 
 
-def _origin(model, stored: dict, family: str | None) -> _Origin:
-    """The family, token ids and tokenizer directory of a run's model: those of the
-    checkpoint it started from (`--init-from`), or a byte-level run's."""
+def _origin(model, stored: dict, family: str | None, kept: pathlib.Path) -> _Origin:
+    """The family, token ids and tokenizer directory of a run's model: the family
+    and token ids of the checkpoint it started from (`--init-from`), or a byte-level
+    run's; the tokenizer the run kept (`kept`, its token ids where that checkpoint
+    gives none), else that checkpoint's."""
+    origin = _started_from(model, stored, family, kept.is_dir())
+    if not kept.is_dir():
+        return origin
+    token_ids = origin.token_ids
+    if not token_ids:
+        try:
+            framing = TextTokenizer.load(kept).framing
+        except TokenizerError as error:
+            raise UserError(
+                f"--run: the run's tokenizer does not read: {error}"
+            ) from None
+        ids = (framing.bos_id, framing.eos_id)
+        token_ids = {
+            name: index for name, index in zip(_TOKEN_IDS, ids) if index is not None
+        }
+    return dataclasses.replace(origin, token_ids=token_ids, tokenizer_directory=kept)
+
+
+def _started_from(model, stored: dict, family: str | None, kept: bool) -> _Origin:
+    """`_origin` without the run's kept tokenizer."""
     init_from = ((stored or {}).get("train") or {}).get("init_from")
     if init_from is None:
         byte_level = model.config.vocab_size == BYTE_VOCAB_SIZE
@@ -183,10 +202,11 @@ def _origin(model, stored: dict, family: str | None) -> _Origin:
         origin_family = family_of(hf).name
     except (OSError, ValueError) as error:
         if family is None:
+            without = "" if kept else " without that checkpoint's tokenizer files"
             raise UserError(
                 f"--run: the run started from --init-from {source}, whose "
                 f"{CONFIG_FILE} does not read ({error}); pass --family to export "
-                "it without that checkpoint's tokenizer files"
+                f"it{without}"
             ) from None
         return _Origin(family, {}, None, init_from)
     token_ids = {name: hf[name] for name in _TOKEN_IDS if name in hf}
