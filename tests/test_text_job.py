@@ -8,11 +8,20 @@ against what was written, not against our readers."""
 
 import json
 
+import equinox as eqx
+import jax
 import numpy as np
 import pytest
 from helpers import TINY_JOB
-from hf_reference import family_config, random_family_tensors, write_checkpoint
+from hf_reference import (
+    family_config,
+    family_logits,
+    random_family_tensors,
+    write_checkpoint,
+)
+from safetensors.numpy import load_file
 from text_fixtures import write_bpe_tokenizer
+from tokenizers import Tokenizer
 
 import eqx_mtp
 from eqx_mtp.train._cli import main
@@ -47,7 +56,7 @@ def qwen_text(tmp_path_factory):
     `.txt` corpus."""
     root = tmp_path_factory.mktemp("text")
     config = family_config("qwen2", layout="v5", vocab_size=320)
-    tensors = random_family_tensors(config, seed=11)
+    tensors = random_family_tensors(config, seed=13)
     write_checkpoint(root / "qwen", config, tensors)
     write_bpe_tokenizer(root / "qwen", _documents(0, 200), vocab_size=300)
     (root / "corpus.txt").write_text("\n\n".join(_documents(1, 40)) + "\n")
@@ -108,3 +117,65 @@ def test_bad_text_input_is_one_line(qwen_text, tmp_path, capsys):
     assert "--tokenizer" in message and "holds no tokenizer.json" in message
     message = _error(capsys, "train", [*base, *init, "--tokenizer", str(root / "qwen")])
     assert "--tokenizer" in message and "300 ids" in message and "200" in message
+
+
+def _greedy_reference(tensors, config, prompt, stops, count):
+    """Greedy continuation by the NumPy transcription of the family's forward pass,
+    the whole sequence recomputed each step, ended by the first stop id."""
+    ids = list(prompt)
+    for _ in range(count):
+        ids.append(int(np.argmax(family_logits(tensors, config, np.asarray(ids))[-1])))
+        if ids[-1] in stops:
+            break
+    return ids[len(prompt) :]
+
+
+def test_the_loop_on_text(qwen_text, tmp_path, capsys):
+    """The README's four commands on the tiny checkpoint. Catches: the corpus not
+    tokenized by the checkpoint's tokenizer; the frozen trunk moved by training or
+    by the export; generate encoding or decoding with another tokenizer, running
+    past a stop id, or drafting differently from plain decoding; the tokenizer or
+    the depths lost on the way out."""
+    root, tensors = qwen_text
+    checkpoint = root / "qwen"
+    config = json.loads((checkpoint / "config.json").read_text())
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    prompt = tokenizer.encode(PROMPT, add_special_tokens=False).ids  # Qwen: no BOS
+    # The random trunk (seed 13) reaches EOS: generation must stop there.
+    expected = _greedy_reference(tensors, config, prompt, (0, 2), 12)
+    assert expected[-1] == 0 and len(expected) > 2
+
+    run = tmp_path / "run"
+    flags = _job_flags(**TINY_TEXT_JOB, run=run, init_from=checkpoint)
+    flags += ["--train-depths-only", "--data", str(root / "corpus.txt")]
+    assert main(["train", "--no-progress", *flags]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+
+    texts = []
+    for extra in ([], ["--no-speculative"]):
+        args = ["--run", str(run), "--prompt", PROMPT, "--max-new-tokens", "12"]
+        assert main(["generate", *args, *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0].split("\ndecoding:")[0] == texts[1].split("\ndecoding:")[0]
+    printed = texts[0].split("\ndecoding:")[0]
+    assert printed in (
+        tokenizer.decode(expected, skip_special_tokens=True),
+        tokenizer.decode(expected[:-1], skip_special_tokens=True),
+    )
+    assert f"{len(expected)} new tokens" in texts[0]
+
+    out = tmp_path / "out"
+    assert main(["export", "--run", str(run), "--to", str(out)]) == 0
+    assert "tokenizer.json" in capsys.readouterr().out
+    exported = load_file(out / "model.safetensors")
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (checkpoint / name).read_bytes(), name
+    trained, _ = eqx_mtp.train.load_checkpoint(run)
+    again = eqx_mtp.interop.load_hf_checkpoint(out)
+    left = jax.tree_util.tree_leaves_with_path(eqx.filter(again, eqx.is_array))
+    right = dict(jax.tree_util.tree_leaves_with_path(eqx.filter(trained, eqx.is_array)))
+    assert [path for path, _ in left] == list(right)
+    for path, value in left:
+        np.testing.assert_array_equal(value, right[path], err_msg=str(path))
