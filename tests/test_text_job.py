@@ -148,6 +148,12 @@ def test_the_loop_on_text(qwen_text, tmp_path, capsys):
     run = tmp_path / "run"
     flags = _job_flags(**TINY_TEXT_JOB, run=run, init_from=checkpoint)
     flags += ["--train-depths-only", "--data", str(root / "corpus.txt")]
+    flags += [
+        "--depth-trunk-input",
+        "after_norm",
+        "--depth-previous-input",
+        "after_norm",
+    ]
     assert main(["train", "--no-progress", *flags]) == 0
     assert "bits/byte" in capsys.readouterr().out
 
