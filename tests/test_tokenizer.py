@@ -20,6 +20,7 @@ from eqx_mtp.train import (
     PromptCompletion,
     TextTokenizer,
     TokenizerError,
+    TrainBatches,
     eval_batches,
 )
 
@@ -140,6 +141,15 @@ def test_pairs_train_on_the_completion_only(llama_style):
             for a in encoded
         )
         assert int(counts[k]) == expected, k
+
+    # Training batches carry the mask too: an epoch of rows holds every completion
+    # token once, and no prompt token.
+    batches = TrainBatches(pairs, seq_len=5, batch_size=1, tokenizer=llama)
+    rows = [next(batches) for _ in range(batches.batches_per_epoch)]
+    masked = sorted(int(t) for r in rows for t in r["tokens"][r["loss_mask"]])
+    assert masked == sorted(
+        int(t) for a in encoded for t in a["tokens"][a["loss_mask"]]
+    )
 
 
 def test_packed_tokenized_documents_never_target_the_next_one(qwen_style):
