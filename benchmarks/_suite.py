@@ -118,6 +118,12 @@ def _decode_arguments(options: Options) -> list[str]:
     return []  # decode.py --quick trains a tiny run itself
 
 
+def _learning_arguments(options: Options) -> list[str]:
+    if options.multiprocess:
+        raise Skip("learning trains its runs in one process")
+    return []  # the default budget; --quick: a tiny model, D = 0 and 1, seconds
+
+
 BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("loss_memory"),
     Benchmark("step_memory"),
@@ -128,6 +134,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark("mfu"),
     Benchmark("mesh", _mesh_arguments),
     Benchmark("decode", _decode_arguments),
+    Benchmark("learning", _learning_arguments),
 )
 """The suite, in the order it runs. Add new benchmarks here."""
 
