@@ -41,7 +41,7 @@ class Budget:
             raise ValueError(f"a reference needs >= 1 steps, got {self.reference}")
 
     def describe(self) -> str:
-        unit = dict(steps="steps", seconds="s of training", flops="model FLOPs")
+        unit = dict(steps="steps", seconds="seconds of training", flops="model FLOPs")
         if self.amount is not None:
             return f"{self.amount:g} {unit[self.kind]}"
         name, steps = self.reference

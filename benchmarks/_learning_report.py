@@ -91,13 +91,17 @@ def plot(payload: dict, path) -> None:
             (line,) = panel.plot(x, mean, marker=".", label=name)
             if len(records) > 1:
                 panel.fill_between(x, low, high, alpha=0.2, color=line.get_color())
+    budget = payload["budget"]
+    if budget["kind"] != "steps":
+        panel = panels[0 if budget["kind"] == "flops" else 1]
+        panel.axvline(budget["amount"], color="grey", linestyle="--", label="budget")
     panels[0].set_xlabel("model FLOPs (FLOP model)")
     panels[1].set_xlabel("seconds of training (compilation and evals apart)")
     panels[0].set_ylabel("held-out main bits/byte")
     for panel in panels:
         panel.grid(alpha=0.3)
     panels[1].legend(fontsize=8)
-    figure.suptitle(f"budget: {payload['budget']['given']}")
+    figure.suptitle(f"budget: {budget['given']}")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

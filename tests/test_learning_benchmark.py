@@ -167,3 +167,21 @@ def test_quick_mode_writes_the_table_the_json_and_the_plot(
     assert table[0].startswith("| configuration |")
     assert [line.split("|")[1].strip() for line in table[2:]] == ["`d0`", "`d1`"]
     assert (results / "learning.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_curricula_are_counted_step_by_step(learning, tmp_path):
+    """With depth curricula in the job, a step computes the depths its stage has on:
+    `forward` on 9 steps with D = 2 is 3 steps of each of 0, 1, 2 depths, `reverse`
+    the same backwards."""
+    import _budget
+
+    if not learning.knows_curricula():
+        pytest.skip("this eqx_mtp has no depth curricula")
+    plan = _plan(
+        learning, _budget.Budget("steps", amount=9), ["d2_forward", "d2_reverse"],
+        tmp_path,
+    )  # fmt: skip
+    forward = learning.job_config(plan, "d2_forward", 9)
+    reverse = learning.job_config(plan, "d2_reverse", 9)
+    assert _budget.active_depths(forward) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert _budget.active_depths(reverse) == [2, 2, 2, 1, 1, 1, 0, 0, 0]
