@@ -113,7 +113,7 @@ def section(payload: dict, name: str) -> str:
     seeds = payload["settings"]["seeds"]
     return "\n".join(
         [
-            "## Objectives at equal compute",
+            "## Objectives at equal compute: " + payload["budget"]["given"],
             "",
             f"{_common.run_line('learning.py', env)}; {payload['seconds'] / 60:.1f} "
             f"min. Budget: {payload['budget']['given']} "

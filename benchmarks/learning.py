@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import hashlib
 import json
 import pathlib
 import sys
@@ -141,18 +142,27 @@ class Costs:
     def __init__(self, plan: Plan):
         self.plan = plan
         self.probed: dict[str, float] = {}
+        self.costs: dict[str, list[float]] = {}
 
     def per_step(self, name: str) -> list[float]:
+        """Configuration `name`'s cost of one step that computes `k` depths, for `k =
+        0 … D`."""
+        if name not in self.costs:
+            self.costs[name] = self._per_step(name)
+        return self.costs[name]
+
+    def _per_step(self, name: str) -> list[float]:
         plan = self.plan
-        config = job_config(plan, name, max(plan.probe_steps, 8))
+        # A step's cost does not depend on the run's length; a curriculum's stages
+        # need a run of a few steps at least.
+        config = job_config(plan, name, 1000)
         if plan.budget.kind == "flops":
             return _budget.flops_per_step(config)
         num_depths = config.model.num_depths
-        if getattr(config.objective, "depth_schedule", None) is None:
-            measured = self.probe(job_values(plan, name, plan.probe_steps))
-            return [measured] * (num_depths + 1)
-        # A curriculum's stages each run the program of a model of that many depths.
         values = job_values(plan, name, plan.probe_steps)
+        if getattr(config.objective, "depth_schedule", None) is None:
+            return [self.probe(values)] * (num_depths + 1)
+        # A curriculum's stages each run the program of a model of that many depths.
         values.pop("depth_schedule")
         return [self.probe(dict(values, num_depths=k)) for k in range(num_depths + 1)]
 
@@ -161,13 +171,15 @@ class Costs:
         `plan.probe_steps` steps (the first, which compiles, left out)."""
         key = json.dumps(values, sort_keys=True)
         if key not in self.probed:
-            directory = self.plan.runs / "probes" / f"probe{len(self.probed)}"
+            # Named by what it runs: a kept --runs-dir holds a probe per job.
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            directory = self.plan.runs / "probes" / digest
             values = dict(
                 values, run=str(directory), eval_every=0, eval_batches=1,
                 save_every=0, log_every=self.plan.probe_steps, seed=0,
             )  # fmt: skip
-            summary = eqx_mtp.train.train(TrainConfig.from_dict(values), progress=False)
             config = TrainConfig.from_dict(values)
+            summary = eqx_mtp.train.train(config, progress=False)
             tokens = config.data.batch_size * config.data.seq_len
             self.probed[key] = tokens / summary["tokens_per_second"]
             print(
