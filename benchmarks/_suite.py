@@ -121,7 +121,13 @@ def _decode_arguments(options: Options) -> list[str]:
 def _learning_arguments(options: Options) -> list[str]:
     if options.multiprocess:
         raise Skip("learning trains its runs in one process")
-    return []  # the default budget; --quick: a tiny model, D = 0 and 1, seconds
+    if not options.quick:
+        raise Skip(
+            "learning trains 10 configurations × 3 seeds of the default job (hours on "
+            "a CPU): run `python -m benchmarks.learning` alone "
+            "(docs/benchmarks.md#objectives-at-equal-compute)"
+        )
+    return []  # a tiny model, D = 0 and 1: seconds
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (

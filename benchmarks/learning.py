@@ -325,7 +325,8 @@ def train_one(plan: Plan, name: str, steps: int, seed: int, args) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.learning", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.learning",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
     )
     parser.add_argument("--quick", action="store_true", help=QUICK_HELP)
     parser.add_argument(

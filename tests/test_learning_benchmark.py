@@ -99,9 +99,14 @@ def test_a_flops_budget_gives_each_configuration_the_most_steps_within_it(
 
 
 def test_a_steps_budget_gives_every_configuration_the_same_steps(learning, tmp_path):
+    """Every default configuration the job knows (curricula where it has them)."""
     import _budget
 
-    names = ["d0", "d2", "d2_mlp", "d2_shared", "d2_lambda"]
+    names = [
+        name
+        for name, fields in learning.CONFIGS.items()
+        if learning.knows_curricula() or "depth_schedule" not in fields
+    ]
     plan = _plan(learning, _budget.Budget("steps", amount=17), names, tmp_path)
     costs = learning.Costs(plan)
     amount = costs.budget_amount()
