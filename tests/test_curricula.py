@@ -236,6 +236,8 @@ def _job(corpus, run, **overrides):
         save_every=0,
         num_devices=1,
         depth_schedule="forward",
+        # Small depth layers: the job compiles one step per stage, several times.
+        mtp_block="linear",
         data=corpus,
         run=str(run),
     )
@@ -247,6 +249,7 @@ def _records(run):
     return {r["step"]: r for r in map(json.loads, lines) if "eval" not in r}
 
 
+@pytest.mark.slow
 def test_a_curriculum_job_compiles_once_per_stage_and_resumes_bit_for_bit(
     corpus, tmp_path
 ):
