@@ -74,6 +74,14 @@ class DepthSchedule:
         stage = bisect.bisect_right(self.starts, step) - 1
         return np.asarray(self.weights[stage], np.float32)
 
+    def stage(self, step: int) -> dict:
+        """`depth_weights` and `active_depths` at `step`, as keyword arguments of
+        [`eqx_mtp.train.train_step`][]: `train_step(..., **schedule.stage(step))`."""
+        return dict(
+            depth_weights=self.depth_weights(step),
+            active_depths=self.active_depths(step),
+        )
+
     def active_depths(self, step: int) -> int:
         """How many depths run at `step`: the 1-based index of the last depth whose
         weight is positive, 0 when none is (the `active_depths` of

@@ -397,12 +397,7 @@ def _step(job: _Job, step: int, throughput: _Throughput) -> dict:
     }
     mtp_weight = parse_mtp_weight(config.objective.mtp_weight)
     weight = float(mtp_weight(step - 1) if callable(mtp_weight) else mtp_weight)
-    curriculum, stage = job.curriculum, {}
-    if curriculum is not None:
-        stage = dict(
-            depth_weights=curriculum.depth_weights(step - 1),
-            active_depths=curriculum.active_depths(step - 1),
-        )
+    stage = {} if job.curriculum is None else job.curriculum.stage(step - 1)
     started = time.perf_counter()
     job.model, job.opt_state, metrics = train_step(
         job.optimizer,
@@ -417,13 +412,13 @@ def _step(job: _Job, step: int, throughput: _Throughput) -> dict:
     metrics = jax.device_get(metrics)
     elapsed = time.perf_counter() - started
     # The first step, and the first of each curriculum stage, include compilation.
-    compiled = step == job.start_step + 1 or stage.get("active_depths") != job.running
-    job.running = stage.get("active_depths")
-    if not compiled:
+    running, previous = stage.get("active_depths"), job.running
+    job.running = running
+    if step > job.start_step + 1 and running == previous:
         throughput.add(elapsed)
     # A depth the curriculum did not run has no training loss: `null` in the log.
     depth_losses = [float(x) for x in metrics["depth_losses"]]
-    ran = len(depth_losses) if not stage else stage["active_depths"] + 1
+    ran = len(depth_losses) if running is None else running + 1
     depth_losses = [x if k < ran else None for k, x in enumerate(depth_losses)]
     record = dict(
         step=step,

@@ -220,14 +220,21 @@ def accumulated_loss_and_grad(
     )
     loss, aux = objective.reduce(loss_sums, counts, step)
     if running < num_depths:
-        not_run = jnp.full(num_depths - running, jnp.nan, jnp.float32)
-        aux = dict(
-            aux,
-            token_counts=token_counts,
-            loss_sums=jnp.concatenate([aux["loss_sums"], not_run]),
-            depth_losses=jnp.concatenate([aux["depth_losses"], not_run]),
-        )
+        aux = _with_depths_not_run(aux, token_counts)
     return loss, aux, grads
+
+
+def _with_depths_not_run(aux: dict, token_counts: Array) -> dict:
+    """`aux` of the depths that ran, with the batch's counts of every depth and NaN
+    for the sums and losses of the depths that did not run."""
+    missing = token_counts.shape[0] - aux["loss_sums"].shape[0]
+    not_run = jnp.full(missing, jnp.nan, jnp.float32)
+    return dict(
+        aux,
+        token_counts=token_counts,
+        loss_sums=jnp.concatenate([aux["loss_sums"], not_run]),
+        depth_losses=jnp.concatenate([aux["depth_losses"], not_run]),
+    )
 
 
 def check_active_depths(
@@ -373,7 +380,8 @@ def train_step(
     those beyond `active_depths`, and parallel depths of weight 0 — are left
     exactly as they were, parameters and optimizer state alike (no weight decay,
     no momentum): switched on again, a depth starts from where it stopped. The
-    optimizer's step count still advances.
+    optimizer's step count still advances, so a depth first switched on late takes
+    Adam's first steps without their bias correction (smaller, for a few steps).
     """
     if not (eqx.is_array(mtp_weight) or callable(mtp_weight)):
         # A Python float would be static under `jit`: one program per value.
