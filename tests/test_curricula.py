@@ -240,7 +240,7 @@ def _job(corpus, run, **overrides):
         micro_batches=2,
         save_every=0,
         num_devices=1,
-        depth_schedule="forward",
+        depth_schedule="reverse",
         # Small depth layers: the job compiles one step per stage, several times.
         mtp_block="linear",
         data=corpus,
@@ -258,8 +258,8 @@ def _records(run):
 def test_a_curriculum_job_compiles_once_per_stage_and_resumes_bit_for_bit(
     corpus, tmp_path
 ):
-    """A forward curriculum over 6 steps has 3 stages of 2 steps (depths on: none,
-    1, 1 and 2); stopped after step 3, in the middle of the second, and continued,
+    """A reverse curriculum over 6 steps has 3 stages of 2 steps (depths on: 1 and
+    2, 1, none); stopped after step 3, in the middle of the second, and continued,
     it gives every loss and the final parameters of the straight run."""
     straight = tmp_path / "straight"
     compiled = _donating_train_step._cached._cache_size()
@@ -267,19 +267,20 @@ def test_a_curriculum_job_compiles_once_per_stage_and_resumes_bit_for_bit(
     assert _donating_train_step._cached._cache_size() - compiled == 3
     records = _records(straight)
     assert [records[s]["depth_weights"] for s in range(1, 7)] == [
-        [0.0, 0.0],
-        [0.0, 0.0],
-        [1.0, 0.0],
-        [1.0, 0.0],
         [1.0, 1.0],
         [1.0, 1.0],
+        [1.0, 0.0],
+        [1.0, 0.0],
+        [0.0, 0.0],
+        [0.0, 0.0],
     ]
     assert [
         len([x for x in records[s]["depth_losses"] if x is not None])
         for s in range(1, 7)
-    ] == [1, 1, 2, 2, 3, 3]
-    # Evaluation runs every depth, on or off.
+    ] == [3, 3, 2, 2, 1, 1]
+    # Evaluation runs every depth, on or off: here every depth is off.
     assert len(summary["eval"]["depth_losses"]) == 3
+    assert all(loss > 0 for loss in summary["eval"]["depth_losses"])
 
     resumed = tmp_path / "resumed"
     train(_job(corpus, resumed), stop_after=3, progress=False)
