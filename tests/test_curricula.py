@@ -2,6 +2,7 @@
 compilation per stage, resume mid-stage, and off depths left as they were."""
 
 import json
+import shutil
 
 import equinox as eqx
 import jax
@@ -238,7 +239,7 @@ def _job(corpus, run, **overrides):
         steps=6,
         batch_size=4,
         micro_batches=2,
-        save_every=0,
+        save_every=3,
         num_devices=1,
         depth_schedule="reverse",
         # Small depth layers: the job compiles one step per stage, several times.
@@ -259,8 +260,9 @@ def test_a_curriculum_job_compiles_once_per_stage_and_resumes_bit_for_bit(
     corpus, tmp_path
 ):
     """A reverse curriculum over 6 steps has 3 stages of 2 steps (depths on: 1 and
-    2, 1, none); stopped after step 3, in the middle of the second, and continued,
-    it gives every loss and the final parameters of the straight run."""
+    2, 1, none); continued from its checkpoint of step 3, in the middle of the
+    second, it gives every later loss and the final parameters of the straight
+    run."""
     straight = tmp_path / "straight"
     compiled = _donating_train_step._cached._cache_size()
     summary = train(_job(corpus, straight), progress=False)
@@ -282,11 +284,18 @@ def test_a_curriculum_job_compiles_once_per_stage_and_resumes_bit_for_bit(
     assert len(summary["eval"]["depth_losses"]) == 3
     assert all(loss > 0 for loss in summary["eval"]["depth_losses"])
 
+    # The run as it stood after step 3, in the middle of the second stage.
     resumed = tmp_path / "resumed"
-    train(_job(corpus, resumed), stop_after=3, progress=False)
+    shutil.copytree(straight, resumed)
+    for checkpoint in (resumed / "checkpoints").iterdir():
+        if int(checkpoint.name) > 3:
+            shutil.rmtree(checkpoint)
+    (resumed / "summary.json").unlink()
+    (resumed / "metrics.jsonl").write_text("")
     train(_job(corpus, resumed, resume=True), progress=False)
     again = _records(resumed)
-    for s in range(1, 7):
+    assert sorted(again) == [4, 5, 6]
+    for s in range(4, 7):
         assert again[s]["depth_losses"] == records[s]["depth_losses"], s
         assert again[s]["loss"] == records[s]["loss"], s
     model_a, _ = eqx_mtp.train.load_checkpoint(straight)
