@@ -12,6 +12,10 @@ from . import interop as interop, nn as nn
 from ._batch import PackedBatch as PackedBatch
 from ._config import ModelConfig as ModelConfig, RopeScaling as RopeScaling
 from ._cross_entropy import head_loss_sum as head_loss_sum
+from ._curriculum import (
+    DepthSchedule as DepthSchedule,
+    parse_depth_schedule as parse_depth_schedule,
+)
 from ._decode import Generation as Generation, generate as generate
 from ._decoder import (
     Decoder as Decoder,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -240,6 +241,22 @@ class MTPDepths(eqx.Module):
         self.trunk_input = trunk_input
         self.previous_input = previous_input
 
+    def first(self, count: int) -> MTPDepths:
+        """The first `count` depths (`1 <= count <= num_depths`), sharing these
+        depths' arrays (sliced along the depth axis) and options. Differentiated
+        through, the depths left out get a zero gradient."""
+        if not isinstance(count, int) or not 1 <= count <= self.num_depths:
+            raise ValueError(
+                f"MTPDepths.first: count must lie in [1, {self.num_depths}], got "
+                f"{count!r}"
+            )
+        if count == self.num_depths:
+            return self
+        sliced = jax.tree_util.tree_map(
+            lambda leaf: leaf[:count] if eqx.is_array(leaf) else leaf, self.depths
+        )
+        return replaced(self, depths=sliced, num_depths=count)
+
     def depth(self, index: int) -> MTPDepth:
         """Depth `index + 1` as an ordinary (unstacked) module; its `layer` is the
         shared layer when the depths share one."""
@@ -249,6 +266,17 @@ class MTPDepths(eqx.Module):
                 lambda d: d.layer, depth, self.shared_layer, is_leaf=lambda x: x is None
             )
         return depth
+
+
+def replaced(module: eqx.Module, **fields) -> eqx.Module:
+    """`module` with some fields, static ones included, replaced, built as Equinox
+    rebuilds a module from its leaves: without running `__init__` (which makes fresh
+    parameters)."""
+    new = object.__new__(type(module))
+    for field in dataclasses.fields(module):
+        value = fields.get(field.name, getattr(module, field.name))
+        object.__setattr__(new, field.name, value)
+    return new
 
 
 def depths_dim(depths: MTPDepths) -> int | None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._config import ModelConfig
-from ._depths import LinearBlock, MLPBlock, MTPDepths
+from ._depths import LinearBlock, MLPBlock, MTPDepths, replaced
 from ._precision import in_compute_dtype
 from ._transformer import Transformer, TransformerBlock
 
@@ -81,3 +83,14 @@ class MTPModel(eqx.Module):
         document is a maximal run of one non-zero id."""
         trunk = in_compute_dtype(self.trunk, self.config.compute_dtype)
         return trunk(tokens, positions=positions, segment_ids=segment_ids)
+
+
+def with_first_depths(model: MTPModel, count: int) -> MTPModel:
+    """`model` with only its first `count` depths (none for 0), its config saying so;
+    the arrays are `model`'s (sliced), so differentiating through this gives the
+    depths left out a zero gradient."""
+    if count == model.config.num_depths:
+        return model
+    config = dataclasses.replace(model.config, num_depths=count)
+    depths = None if count == 0 else model.depths.first(count)
+    return replaced(model, depths=depths, config=config)

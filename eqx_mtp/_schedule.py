@@ -30,24 +30,33 @@ def parse_mtp_weight(spec: str | float) -> MTPWeight:
             raise ValueError(
                 f"mtp_weight: expected a float or 'value@step,...', got {spec!r}"
             ) from None
-    values, starts = [], []
-    for part in text.split(","):
-        value, sep, start = part.partition("@")
-        try:
-            values.append(float(value))
-            starts.append(int(start))
-        except ValueError:
-            raise ValueError(
-                f"mtp_weight: cannot read {part.strip()!r} in {spec!r}; expected "
-                "'value@step' pairs such as '0.3@0,0.1@800'"
-            ) from None
-    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
-        raise ValueError(
-            f"mtp_weight: schedule steps must start at 0 and increase, got {spec!r}"
-        )
+    values, starts = piecewise_constant(text, "mtp_weight", "'0.3@0,0.1@800'")
 
     def schedule(step):
         index = jnp.sum(jnp.asarray(step) >= jnp.asarray(starts[1:], jnp.int32))
         return jnp.asarray(values, jnp.float32)[index]
 
     return schedule
+
+
+def piecewise_constant(
+    text: str, name: str, example: str
+) -> tuple[list[float], list[int]]:
+    """The values and start steps of `"value@step,..."`; the steps must start at 0 and
+    increase. Errors name `name` and show `example`."""
+    values, starts = [], []
+    for part in text.split(","):
+        value, _, start = part.partition("@")
+        try:
+            values.append(float(value))
+            starts.append(int(start))
+        except ValueError:
+            raise ValueError(
+                f"{name}: cannot read {part.strip()!r} in {text!r}; expected "
+                f"'value@step' pairs such as {example}"
+            ) from None
+    if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(
+            f"{name}: schedule steps must start at 0 and increase, got {text!r}"
+        )
+    return values, starts

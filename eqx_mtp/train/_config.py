@@ -12,6 +12,7 @@ import typing
 from typing import Any
 
 from .._config import ModelConfig
+from .._curriculum import DepthSchedule, parse_depth_schedule
 from .._hf_checkpoint import CONFIG_FILE, model_config_from_hf
 from .._schedule import parse_mtp_weight
 from ._data import BYTE_VOCAB_SIZE
@@ -29,11 +30,15 @@ def _at_least(name: str, value: int, least: int) -> None:
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """How the depths' losses join the main loss: λ (`mtp_weight`, a float or a
-    schedule `"0.3@0,0.1@800"`: 0.3 from step 0, 0.1 from step 800) and the
-    reduction over depths (`"mean"` or `"pooled"`, see [`eqx_mtp.mtp_loss`][])."""
+    schedule `"0.3@0,0.1@800"`: 0.3 from step 0, 0.1 from step 800), the
+    reduction over depths (`"mean"` or `"pooled"`, see [`eqx_mtp.mtp_loss`][]), and
+    an optional depth curriculum (`depth_schedule`: `"forward"`, `"reverse"` or
+    per-depth weights, see [`eqx_mtp.parse_depth_schedule`][]; `None` trains every
+    depth at every step)."""
 
     mtp_weight: str = "0.3"
     reduction: str = "mean"
+    depth_schedule: str | None = None
 
     def __post_init__(self):
         if self.reduction not in ("mean", "pooled"):
@@ -249,6 +254,26 @@ class TrainConfig:
                 f"--num-depths={model.num_depths} must be smaller than "
                 f"--seq-len={seq_len} (depth D predicts D + 1 tokens ahead)"
             )
+        self.depth_curriculum()
+
+    def depth_curriculum(self) -> DepthSchedule | None:
+        """The depth curriculum `objective.depth_schedule` names, for this model and
+        number of steps; `None` without one.
+
+        **Raises:**
+
+        `UserError` naming `--depth-schedule` when it cannot be read.
+        """
+        spec = self.objective.depth_schedule
+        if spec is None:
+            return None
+        try:
+            return parse_depth_schedule(
+                spec, num_depths=self.model.num_depths, steps=self.run.steps
+            )
+        except ValueError as error:
+            message = str(error).removeprefix("depth_schedule: ")
+            raise UserError(f"--depth-schedule: {message}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a nested, JSON-serialisable dict (the layout

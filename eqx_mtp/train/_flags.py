@@ -77,6 +77,11 @@ FLAGS: dict[str, dict[str, str]] = {
         "'0.3@0,0.1@800' (0.3 from step 0, 0.1 from step 800)",
         "reduction": "how the depths' losses are combined: mean (of each depth's "
         "mean) or pooled (over all depths' tokens)",
+        "depth_schedule": "depth curriculum: forward (depths switch on one by one "
+        "over the run, nearest first), reverse (all on, then switched off one by "
+        "one, farthest first), either with the steps of its switches "
+        "('forward@100,200'), or per-depth weights '1:0@0,1@200;2:0@0,1@400'; a "
+        "depth that is off is not computed (default: every depth at every step)",
     },
     "optimizer": {
         "learning_rate": "peak learning rate of AdamW",

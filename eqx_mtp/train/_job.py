@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from .._config import ModelConfig
+from .._curriculum import DepthSchedule
 from .._mesh import batch_sharding
 from .._model import MTPModel
 from .._schedule import parse_mtp_weight
@@ -74,6 +75,10 @@ class _Job:
     checkpointer: Checkpointer
     stored: dict
     start_step: int = 0
+    # The depth curriculum (`None`: every depth at every step), and how many depths
+    # the last step ran.
+    curriculum: DepthSchedule | None = None
+    running: int | None = None
 
     def save(self, step: int, eval_loss: float | None = None) -> None:
         self.checkpointer.save(
@@ -206,6 +211,7 @@ def _build(config, run, mesh, checkpointer, stored) -> _Job:
         rng=jax.random.key(config.run.seed),
         checkpointer=checkpointer,
         stored=stored,
+        curriculum=config.depth_curriculum(),
     )
     if not fresh:
         _restore(job)
@@ -391,6 +397,7 @@ def _step(job: _Job, step: int, throughput: _Throughput) -> dict:
     }
     mtp_weight = parse_mtp_weight(config.objective.mtp_weight)
     weight = float(mtp_weight(step - 1) if callable(mtp_weight) else mtp_weight)
+    stage = {} if job.curriculum is None else job.curriculum.stage(step - 1)
     started = time.perf_counter()
     job.model, job.opt_state, metrics = train_step(
         job.optimizer,
@@ -400,12 +407,19 @@ def _step(job: _Job, step: int, throughput: _Throughput) -> dict:
         np.asarray(weight, np.float32),
         config.objective.reduction,
         job.loss_mesh,
+        **stage,
     )
     metrics = jax.device_get(metrics)
     elapsed = time.perf_counter() - started
-    if step > job.start_step + 1:  # the first step includes compilation
+    # The first step, and the first of each curriculum stage, include compilation.
+    running, previous = stage.get("active_depths"), job.running
+    job.running = running
+    if step > job.start_step + 1 and running == previous:
         throughput.add(elapsed)
+    # A depth the curriculum did not run has no training loss: `null` in the log.
     depth_losses = [float(x) for x in metrics["depth_losses"]]
+    ran = len(depth_losses) if running is None else running + 1
+    depth_losses = [x if k < ran else None for k, x in enumerate(depth_losses)]
     record = dict(
         step=step,
         loss=float(metrics["loss"]),
@@ -415,7 +429,9 @@ def _step(job: _Job, step: int, throughput: _Throughput) -> dict:
         grad_norm=float(metrics["grad_norm"]),
         tokens_per_second=throughput.rate() or 0.0,
     )
-    if not all(math.isfinite(x) for x in depth_losses):
+    if stage:
+        record["depth_weights"] = [float(w) for w in stage["depth_weights"]]
+    if not all(math.isfinite(x) for x in depth_losses[:ran]):
         job.save(step)
         raise FloatingPointError(f"non-finite loss at step {step}: {depth_losses}")
     return record
@@ -476,4 +492,4 @@ def _finish(job: _Job, outcome: _Outcome) -> dict:
 
 
 def _format_losses(losses) -> str:
-    return " ".join(f"{x:.3f}" for x in losses)
+    return " ".join("off" if x is None else f"{x:.3f}" for x in losses)
