@@ -5,7 +5,8 @@ real results and the docs page are left alone. No timing is asserted.
 The suite runs in two halves, `python -m benchmarks --quick --only ...`, one per test
 file (`test_benchmarks_quick_a.py`, `test_benchmarks_quick_b.py`), so that the two
 xdist workers run them side by side: `FIRST_HALF` names the first, the second is every
-other benchmark `--list` names, so a new benchmark is never left out."""
+other benchmark `--list` names, so a new benchmark is never left out (but those
+`RUN_ELSEWHERE` names, whose own tests run their quick mode)."""
 
 import hashlib
 import json
@@ -23,6 +24,9 @@ TIMEOUT_S = 900
 # About half the suite's CPU time (`python -m benchmarks --quick` prints each
 # benchmark's): decode, compile_time, naive_baseline, mtp_overhead, ce_speed.
 FIRST_HALF = ("compile_time", "mtp_overhead", "naive_baseline", "ce_speed", "decode")
+# Benchmarks whose quick run a test of their own runs end to end, checking more than
+# the smoke run does: running them here too only doubles their time.
+RUN_ELSEWHERE = {"learning": "tests/test_learning_benchmark.py"}
 ENVIRONMENT_KEYS = {
     "date",
     "jax",
@@ -61,6 +65,7 @@ def listed_benchmarks() -> list[str]:
     names = [line.split()[0] for line in listed.stdout.splitlines()]
     assert {"ce_speed", "mesh", "decode"} <= set(names)
     assert set(FIRST_HALF) <= set(names), (FIRST_HALF, names)
+    assert set(RUN_ELSEWHERE) <= set(names), (RUN_ELSEWHERE, names)
     return names
 
 

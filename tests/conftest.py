@@ -66,6 +66,11 @@ LONGEST_FIRST = (
     "test_decode.py",
     "test_frozen_trunk.py",
     "test_records.py",
+    "test_curricula.py",
+    "test_text_job.py",
+    "test_learning_benchmark.py",
+    "test_generate_text.py",
+    "test_export.py",
 )
 
 
