@@ -40,6 +40,7 @@ SLOW_FILES = {
     "test_generate_text.py",
     "test_text_job.py",
     "test_export.py",
+    "test_curricula.py",
     "test_own_loop.py",
     "test_frozen_trunk.py",
     "test_docs_examples.py",
