@@ -25,8 +25,6 @@ BYTE_VOCAB_SIZE = 259
 """The byte tokenizer's vocabulary: the 256 bytes, then `PAD_ID`, `BOS_ID`,
 `EOS_ID`."""
 
-_PACKED_KEYS = ("tokens", "segment_ids", "positions")
-
 
 def encode_document(text: bytes | str) -> Int[np.ndarray, " length"]:
     """Byte-level token ids of one document, framed by `BOS_ID` and `EOS_ID`.
@@ -41,10 +39,7 @@ def encode_document(text: bytes | str) -> Int[np.ndarray, " length"]:
     """
     if isinstance(text, str):
         text = text.encode("utf-8")
-    body = np.frombuffer(text, dtype=np.uint8).astype(np.int32)
-    return np.concatenate(
-        [np.array([BOS_ID], np.int32), body, np.array([EOS_ID], np.int32)]
-    )
+    return ByteTokenizer().encode_documents([text])[0]["tokens"]
 
 
 def decode_bytes(ids: ArrayLike) -> str:

@@ -19,6 +19,9 @@ from .._roll import roll_and_mask
 from .._targets import depth_targets, segment_positions
 from ._distributed import replicated_input
 
+# What `evaluate` reads of a batch.
+_READ = ("tokens", "segment_ids", "positions", "loss_mask", "token_bytes")
+
 
 def _depth_statistics(logits, targets, valid, trunk_guess):
     """Sums of loss, correct top-1 guesses, agreements with the trunk, and the count."""
@@ -143,17 +146,17 @@ def evaluate(
     else:
         layout = batch_sharding(mesh)
         place = lambda x: replicated_input(x, layout)  # noqa: E731
-    optional = lambda name: None if batch.get(name) is None else place(batch[name])  # noqa: E731
     totals, total_bytes, measures_bytes = None, 0.0, False
     for batch in batches:
+        given = {k: place(batch[k]) for k in _READ if batch.get(k) is not None}
         stats, target_bytes = batch_statistics(
             model,
-            place(batch["tokens"]),
-            place(batch["segment_ids"]),
-            optional("positions"),
+            given["tokens"],
+            given["segment_ids"],
+            given.get("positions"),
             mesh,
-            optional("loss_mask"),
-            optional("token_bytes"),
+            given.get("loss_mask"),
+            given.get("token_bytes"),
         )
         stats = np.asarray(stats, np.float64)
         totals = stats if totals is None else totals + stats
